@@ -1,0 +1,1 @@
+"""kdcore: knowledge distillation for breast-ultrasound classification."""

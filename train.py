@@ -1,0 +1,128 @@
+"""Train and evaluate the BUSI teacher/student models.
+
+  python train.py teacher   train the hybrid ViT+CNN teacher
+  python train.py student   distil a student from a trained teacher (KD)
+  python train.py scratch   train the same student without a teacher (the ablation)
+  python train.py evaluate  score a checkpoint on BUSI's test split or any class folder
+  python train.py all       the whole reference protocol + reports (resumable)
+  python train.py split     rebuild the near-duplicate groups and the split file
+  python train.py report    rebuild reports/ from the runs of `all`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, PRESETS, REPO_ROOT, get_preset, with_overrides
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="offline", choices=sorted(PRESETS),
+                   help="recipe: 'offline' (default, trainable here) or 'paper' (needs internet)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="BUSI folder (default: %(default)s)")
+    p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE, help="committed split (default: %(default)s)")
+    p.add_argument("--allow-data-mismatch", action="store_true",
+                   help="train even if files differ from manifest.csv / the split file")
+    p.add_argument("--subset", type=int, default=0, help="at most N images per split (smoke runs)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--seed", type=int, help="override the seed")
+    p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("teacher", help="train the hybrid teacher")
+    _common(p)
+    p.add_argument("--out", type=Path, default=Path("runs/offline/teacher"), help="checkpoint stem to write")
+    p.add_argument("--init-weights", help="local weights file for the CNN branch (safetensors or .pth)")
+    p.add_argument("--global-branch", choices=["feature_transformer", "vit"], help="override the transformer branch")
+    p.add_argument("--vit-name", help="timm ViT name when --global-branch vit")
+
+    for name, text in (("student", "distil a student from a trained teacher"),
+                       ("scratch", "train the student without a teacher")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--out", type=Path, default=Path(f"runs/offline/{name}"), help="checkpoint stem to write")
+        p.add_argument("--init-weights", help="local weights file for the student backbone")
+        p.add_argument("--extra", action="store_true", help="use the preset's extra student (EfficientNet-Lite0)")
+        if name == "student":
+            p.add_argument("--teacher", type=Path, default=Path("runs/offline/teacher"), help="teacher checkpoint")
+
+    p = sub.add_parser("evaluate", help="score a checkpoint; writes JSON + Markdown + confusion PNG")
+    p.add_argument("--checkpoint", type=Path, required=True, help="NAME.safetensors (with NAME.json beside it)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
+                   help="BUSI folder (test split) or a folder with benign/ malignant/ normal/ sub-folders")
+    p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
+    p.add_argument("--out", type=Path, required=True, help="FILE.json to write")
+
+    p = sub.add_parser("all", help="teacher -> KD students -> scratch students -> extra rows -> reports")
+    _common(p)
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for all intermediate runs")
+    p.add_argument("--ship-dir", type=Path, default=REPO_ROOT / "checkpoints", help="where the shipped models go")
+    p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports", help="where tables and figures go")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the preset's)")
+    p.add_argument("--skip-extra", action="store_true", help="skip the EfficientNet-Lite0 student rows")
+
+    p = sub.add_parser("report", help="rebuild reports/ from the runs of `all`")
+    _common(p)
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--ship-dir", type=Path, default=REPO_ROOT / "checkpoints")
+    p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports")
+
+    p = sub.add_parser("split", help="rebuild near-duplicate groups and the split file")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kdcore import protocol
+    from kdcore.data import DataIntegrityError
+
+    try:
+        if args.command == "evaluate":
+            result = protocol.evaluate_checkpoint(args.checkpoint, args.data, args.split_file, args.out)
+            print(json.dumps({k: result[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}, indent=2))
+            return 0
+        if args.command == "split":
+            from kdcore.data import build_split_records, write_split_file
+
+            write_split_file(build_split_records(args.data, seed=args.seed), args.split_file)
+            print(f"wrote {args.split_file}")
+            return 0
+        preset = get_preset(args.preset)
+        if args.command in ("all", "report"):
+            from kdcore import pipeline
+
+            run = pipeline.run_all if args.command == "all" else pipeline.write_reports
+            run(preset, args)
+            return 0
+        data = protocol.load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
+        if args.command == "teacher":
+            model_cfg = preset.teacher
+            overrides = {"cnn_init": args.init_weights, "global_branch": args.global_branch, "vit_name": args.vit_name}
+            model_cfg = type(model_cfg)(**{**model_cfg.__dict__, **{k: v for k, v in overrides.items() if v}})
+            train_cfg = with_overrides(preset.teacher_train, epochs=args.epochs, seed=args.seed)
+            path = protocol.train_teacher(model_cfg, preset.teacher_preprocess, train_cfg, data, args.out, args.resume)
+        else:
+            model_cfg = preset.extra_student if args.extra else preset.student
+            model_cfg = protocol.student_config_for(model_cfg, args.init_weights)
+            train_cfg = with_overrides(preset.student_train, epochs=args.epochs, seed=args.seed)
+            teacher = args.teacher if args.command == "student" else None
+            path = protocol.train_student(model_cfg, preset.student_preprocess, train_cfg, data, args.out,
+                                          teacher, args.resume)
+        print(f"saved {path}")
+        return 0
+    except (DataIntegrityError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
