@@ -1,13 +1,14 @@
 """Train and evaluate the BUSI teacher/student models.
 
-  python train.py teacher   train the hybrid ViT+CNN teacher
-  python train.py student   distil a student from a trained teacher (KD)
-  python train.py scratch   train the same student without a teacher (the ablation)
-  python train.py evaluate  score a checkpoint on BUSI's test split or any class folder
-  python train.py all       the whole reference protocol + reports (resumable)
-  python train.py split     rebuild the near-duplicate groups and the split file
-  python train.py report    rebuild reports/ from the runs of `all`
+python train.py teacher   train the hybrid ViT+CNN teacher
+python train.py student   distil a student from a trained teacher (KD)
+python train.py scratch   train the same student without a teacher (the ablation)
+python train.py evaluate  score a checkpoint on BUSI's test split or any class folder
+python train.py all       the whole reference protocol + reports (resumable)
+python train.py split     rebuild the near-duplicate groups and the split file
+python train.py report    rebuild reports/ from the runs of `all`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,19 @@ from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, PRESETS, REPO_RO
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="offline", choices=sorted(PRESETS),
-                   help="recipe: 'offline' (default, trainable here) or 'paper' (needs internet)")
+    p.add_argument(
+        "--preset",
+        default="offline",
+        choices=sorted(PRESETS),
+        help="recipe: 'offline' (default, trainable here) or 'paper' (needs internet)",
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR, help="BUSI folder (default: %(default)s)")
     p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE, help="committed split (default: %(default)s)")
-    p.add_argument("--allow-data-mismatch", action="store_true",
-                   help="train even if files differ from manifest.csv / the split file")
+    p.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="train even if files differ from manifest.csv / the split file",
+    )
     p.add_argument("--subset", type=int, default=0, help="at most N images per split (smoke runs)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--seed", type=int, help="override the seed")
@@ -42,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-branch", choices=["feature_transformer", "vit"], help="override the transformer branch")
     p.add_argument("--vit-name", help="timm ViT name when --global-branch vit")
 
-    for name, text in (("student", "distil a student from a trained teacher"),
-                       ("scratch", "train the student without a teacher")):
+    for name, text in (
+        ("student", "distil a student from a trained teacher"),
+        ("scratch", "train the student without a teacher"),
+    ):
         p = sub.add_parser(name, help=text)
         _common(p)
         p.add_argument("--out", type=Path, default=Path(f"runs/offline/{name}"), help="checkpoint stem to write")
@@ -54,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a checkpoint; writes JSON + Markdown + confusion PNG")
     p.add_argument("--checkpoint", type=Path, required=True, help="NAME.safetensors (with NAME.json beside it)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
-                   help="BUSI folder (test split) or a folder with benign/ malignant/ normal/ sub-folders")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="BUSI folder (test split) or a folder with benign/ malignant/ normal/ sub-folders",
+    )
     p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
     p.add_argument("--out", type=Path, required=True, help="FILE.json to write")
 
@@ -115,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             model_cfg = protocol.student_config_for(model_cfg, args.init_weights)
             train_cfg = with_overrides(preset.student_train, epochs=args.epochs, seed=args.seed)
             teacher = args.teacher if args.command == "student" else None
-            path = protocol.train_student(model_cfg, preset.student_preprocess, train_cfg, data, args.out,
-                                          teacher, args.resume)
+            path = protocol.train_student(
+                model_cfg, preset.student_preprocess, train_cfg, data, args.out, teacher, args.resume
+            )
         print(f"saved {path}")
         return 0
     except (DataIntegrityError, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -1,5 +1,6 @@
 """Self-describing checkpoints: ``NAME.safetensors`` + ``NAME.json`` (model args, classes,
 preprocessing, training config, split hash, metrics, weights sha256)."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdcore.config import (
-    ModelConfig, PreprocessConfig, model_config_from_dict, preprocess_config_from_dict, to_dict,
+    ModelConfig,
+    PreprocessConfig,
+    model_config_from_dict,
+    preprocess_config_from_dict,
+    to_dict,
 )
 from kdcore.data import sha256_file
 from kdcore.models import build_model

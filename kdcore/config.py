@@ -1,4 +1,5 @@
 """Configuration dataclasses and the named presets (``paper`` and ``offline``)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -136,9 +137,7 @@ OFFLINE = Preset(
         global_branch="feature_transformer",
     ),
     student=ModelConfig(kind="student", cnn_name="mobilenetv3_small_100"),
-    extra_student=ModelConfig(
-        kind="student", cnn_name="tf_efficientnet_lite0", cnn_init="pypi", frozen_blocks=2
-    ),
+    extra_student=ModelConfig(kind="student", cnn_name="tf_efficientnet_lite0", cnn_init="pypi", frozen_blocks=2),
     teacher_preprocess=PreprocessConfig(mean=UNIT_MEAN, std=UNIT_STD),
     student_preprocess=PreprocessConfig(),
     teacher_train=TrainConfig(epochs=20, lr=3e-4, weight_decay=0.05, patience=8),
@@ -146,8 +145,12 @@ OFFLINE = Preset(
     extra_student_train=TrainConfig(epochs=12, lr=3e-4, weight_decay=0.05, patience=8),
     teacher_alternatives=(
         ModelConfig(
-            kind="teacher", cnn_name="tf_efficientnet_lite0", cnn_init="pypi", frozen_blocks=2,
-            global_branch="vit", vit_name="vit_tiny_patch16_224",
+            kind="teacher",
+            cnn_name="tf_efficientnet_lite0",
+            cnn_init="pypi",
+            frozen_blocks=2,
+            global_branch="vit",
+            vit_name="vit_tiny_patch16_224",
         ),
     ),
 )
@@ -172,9 +175,7 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def preprocess_config_from_dict(d: dict[str, Any]) -> PreprocessConfig:
-    return PreprocessConfig(
-        input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"])
-    )
+    return PreprocessConfig(input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
 def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:

@@ -1,5 +1,6 @@
 """BUSI discovery, manifest check, near-duplicate groups, the group-aware split file,
 folder datasets for evaluation, and in-memory image caches for training."""
+
 from __future__ import annotations
 
 import csv
@@ -52,9 +53,7 @@ def read_manifest(root: Path) -> list[ImageRecord]:
     """Rows of ``root/manifest.csv`` as records (masks kept for localisation)."""
     manifest = Path(root) / "manifest.csv"
     if not manifest.is_file():
-        raise DataIntegrityError(
-            f"no manifest.csv in {root}: is this the BUSI folder? (pass --data DIR)"
-        )
+        raise DataIntegrityError(f"no manifest.csv in {root}: is this the BUSI folder? (pass --data DIR)")
     with open(manifest, newline="") as f:
         return [
             ImageRecord(
@@ -150,18 +149,13 @@ def group_aware_split(
     outer = StratifiedGroupKFold(n_splits=test_folds, shuffle=True, random_state=seed)
     rest_idx, test_idx = next(outer.split(np.zeros(len(usable)), labels, groups))
     inner = StratifiedGroupKFold(n_splits=val_folds, shuffle=True, random_state=seed)
-    train_sub, val_sub = next(
-        inner.split(np.zeros(len(rest_idx)), labels[rest_idx], groups[rest_idx])
-    )
+    train_sub, val_sub = next(inner.split(np.zeros(len(rest_idx)), labels[rest_idx], groups[rest_idx]))
     split = np.empty(len(usable), dtype=object)
     split[test_idx] = "test"
     split[rest_idx[train_sub]] = "train"
     split[rest_idx[val_sub]] = "val"
     assigned = {r.file: s for r, s in zip(usable, split)}
-    return [
-        ImageRecord(r.file, r.label, r.sha256, r.group, assigned.get(r.file, "excluded"), r.masks)
-        for r in records
-    ]
+    return [ImageRecord(r.file, r.label, r.sha256, r.group, assigned.get(r.file, "excluded"), r.masks) for r in records]
 
 
 def cross_validation_folds(
@@ -182,10 +176,7 @@ def build_split_records(root: Path, threshold: int = NEAR_DUPLICATE_DISTANCE, se
     """Manifest -> records with near-duplicate groups and the split assigned."""
     records = read_manifest(root)
     groups = near_duplicate_groups(pairwise_hamming(perceptual_hashes(root, records)), threshold)
-    grouped = [
-        ImageRecord(r.file, r.label, r.sha256, f"g{g:04d}", "", r.masks)
-        for r, g in zip(records, groups)
-    ]
+    grouped = [ImageRecord(r.file, r.label, r.sha256, f"g{g:04d}", "", r.masks) for r, g in zip(records, groups)]
     return group_aware_split(grouped, seed=seed)
 
 
@@ -206,8 +197,9 @@ def read_split_file(path: Path, root: Path | None = None) -> list[ImageRecord]:
     masks = {r.file: r.masks for r in read_manifest(root)} if root else {}
     with open(path, newline="") as f:
         return [
-            ImageRecord(row["file"], row["label"], row["sha256"], row["group"], row["split"],
-                        masks.get(row["file"], ()))
+            ImageRecord(
+                row["file"], row["label"], row["sha256"], row["group"], row["split"], masks.get(row["file"], ())
+            )
             for row in csv.DictReader(f)
         ]
 
@@ -235,9 +227,7 @@ def folder_records(root: Path) -> list[ImageRecord]:
     root = Path(root)
     present = [c for c in CLASS_NAMES if (root / c).is_dir()]
     if not present:
-        raise DataIntegrityError(
-            f"{root} has no class sub-folders; expected some of {', '.join(CLASS_NAMES)}."
-        )
+        raise DataIntegrityError(f"{root} has no class sub-folders; expected some of {', '.join(CLASS_NAMES)}.")
     records = [
         ImageRecord(str(p.relative_to(root)), label, "")
         for label in present

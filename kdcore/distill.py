@@ -1,4 +1,5 @@
 """Knowledge-distillation loss and a distiller whose forward returns a dict of losses."""
+
 from __future__ import annotations
 
 import torch
@@ -43,9 +44,15 @@ class Distiller(nn.Module):
     (exact for fixed augmented views), otherwise runs the teacher under ``no_grad``.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, alpha: float,
-                 temperature: float, class_weights: torch.Tensor | None = None,
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        alpha: float,
+        temperature: float,
+        class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher
@@ -58,19 +65,24 @@ class Distiller(nn.Module):
         self.label_smoothing = label_smoothing
         self.register_buffer("class_weights", class_weights, persistent=False)
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         self.training = mode
         set_train_mode(self.student, mode)
         if self.teacher is not None:
             self.teacher.eval()
         return self
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None,
-                teacher_images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_images: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         logits = self.student(images)
         if teacher_logits is None and self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(images if teacher_images is None else teacher_images)
-        return kd_loss(logits, teacher_logits, targets, self.alpha, self.temperature,
-                       self.class_weights, self.label_smoothing)
+        return kd_loss(
+            logits, teacher_logits, targets, self.alpha, self.temperature, self.class_weights, self.label_smoothing
+        )

@@ -1,5 +1,6 @@
 """Training loop: AdamW + warm-up/cosine, class weights, checkpoint on best *validation*
 score, early stopping, per-epoch resumable state, seeded and reproducible."""
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,8 @@ class FixedViewBank(Dataset):
     def __getitem__(self, i: int):
         v = int(torch.randint(self.views.shape[1], ()))
         logits = (
-            self.teacher_logits[i, v] if self.teacher_logits is not None
+            self.teacher_logits[i, v]
+            if self.teacher_logits is not None
             else torch.full((len(CLASS_NAMES),), float("nan"))
         )
         return self.views[i, v], self.labels[i], logits
@@ -81,11 +83,15 @@ def to_model_input(preprocess: Preprocess, images: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, preprocess: Preprocess, batch_size: int = 64) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, preprocess: Preprocess, batch_size: int = 64
+) -> torch.Tensor:
     """Logits of a model in eval mode for (N, 1, S, S) uint8 images."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(to_model_input(preprocess, images[i : i + batch_size])) for i in range(0, len(images), batch_size)])
+    out = torch.cat(
+        [model(to_model_input(preprocess, images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    )
     set_train_mode(model, was_training)
     return out
 
@@ -111,7 +117,9 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def validation_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess) -> dict[str, float]:
+def validation_scores(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess
+) -> dict[str, float]:
     logits = predict_logits(model, images, preprocess)
     pred = logits.argmax(1)
     recalls = [(pred[labels == c] == c).float().mean().item() for c in labels.unique()]
@@ -163,7 +171,9 @@ def fit(
             print(f"[{desc}] early stop: no validation gain for {cfg.patience} epochs")
             break
         seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seeding makes --resume exact
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size)
+        loader = DataLoader(
+            train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size
+        )
         distiller.train()
         started, sums, count = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0}, 0
         bar = tqdm(loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False)
@@ -178,10 +188,15 @@ def fit(
                 sums[key] += losses[key].item() * len(targets)
             count += len(targets)
             bar.set_postfix(loss=f"{sums['loss'] / count:.3f}")
-        row = {"epoch": epoch, "train_loss": sums["loss"] / count, "train_ce": sums["ce"] / count,
-               "train_kd": sums["kd"] / count, "lr": scheduler.get_last_lr()[0],
-               **validation_scores(model, val_images, val_labels, preprocess),
-               "seconds": time.time() - started}
+        row = {
+            "epoch": epoch,
+            "train_loss": sums["loss"] / count,
+            "train_ce": sums["ce"] / count,
+            "train_kd": sums["kd"] / count,
+            "lr": scheduler.get_last_lr()[0],
+            **validation_scores(model, val_images, val_labels, preprocess),
+            "seconds": time.time() - started,
+        }
         result.history.append(row)
         score = (row["val_balanced_accuracy"], -row["val_loss"])
         improved = score > result.best_score
@@ -190,12 +205,24 @@ def fit(
             result.best_epoch, result.best_score, stale = epoch, score, 0
         else:
             stale += 1
-        print(f"[{desc}] epoch {epoch}: loss {row['train_loss']:.3f} val_loss {row['val_loss']:.3f} "
-              f"val_bacc {row['val_balanced_accuracy']:.3f} val_acc {row['val_accuracy']:.3f} "
-              f"({row['seconds']:.0f}s){' *best*' if improved else ''}", flush=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_state": result.best_state,
-                    "best_epoch": result.best_epoch, "best_score": list(result.best_score),
-                    "history": result.history}, state_path)
+        print(
+            f"[{desc}] epoch {epoch}: loss {row['train_loss']:.3f} val_loss {row['val_loss']:.3f} "
+            f"val_bacc {row['val_balanced_accuracy']:.3f} val_acc {row['val_accuracy']:.3f} "
+            f"({row['seconds']:.0f}s){' *best*' if improved else ''}",
+            flush=True,
+        )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_state": result.best_state,
+                "best_epoch": result.best_epoch,
+                "best_score": list(result.best_score),
+                "history": result.history,
+            },
+            state_path,
+        )
     model.load_state_dict(result.best_state)
     return result

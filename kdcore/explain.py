@@ -4,6 +4,7 @@ pytorch-grad-cam registers hooks on the model and is not thread-safe, so each ca
 builds its own ``GradCAM`` inside a context manager (hooks released on exit) while
 holding the predictor's lock.
 """
+
 from __future__ import annotations
 
 import threading

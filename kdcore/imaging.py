@@ -1,4 +1,5 @@
 """Reading user images safely: every accepted file becomes an 8-bit grey array."""
+
 from __future__ import annotations
 
 import io
@@ -110,8 +111,6 @@ def read_grey_image(source: str | Path | bytes, name: str | None = None) -> np.n
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(f"{name}: image is too large to decode safely.") from exc
     except UnidentifiedImageError as exc:
-        raise ImageReadError(
-            f"{name}: not a supported image (use PNG, JPEG, BMP, TIFF, WebP, GIF or DICOM)."
-        ) from exc
+        raise ImageReadError(f"{name}: not a supported image (use PNG, JPEG, BMP, TIFF, WebP, GIF or DICOM).") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{name}: image file is corrupt or truncated ({exc}).") from exc

@@ -1,4 +1,5 @@
 """Predictor: checkpoint -> preprocess -> logits -> calibrated probabilities, timed."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """The live path: one grey frame -> student prediction + heat-map, as fast as possible."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Classification metrics with bootstrap intervals, calibration, and their plots."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
-    accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
-    precision_recall_fscore_support, roc_auc_score, roc_curve,
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
 )
 
 from kdcore.config import CLASS_NAMES  # noqa: E402
@@ -56,15 +62,15 @@ def _headline(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
         "balanced_accuracy": float(np.mean([np.mean(y_pred[y_true == c] == c) for c in present])),
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "malignant_recall": (
-            float(np.mean(y_pred[y_true == malignant] == malignant))
-            if (y_true == malignant).any() else None
+            float(np.mean(y_pred[y_true == malignant] == malignant)) if (y_true == malignant).any() else None
         ),
         "auc_malignant_vs_benign": auc_malignant_vs_benign(y_true, probs),
     }
 
 
-def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS,
-                        seed: int = 0) -> dict[str, list[float] | None]:
+def bootstrap_intervals(
+    y_true: np.ndarray, probs: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0
+) -> dict[str, list[float] | None]:
     """Percentile 95% intervals of the headline metrics over image resamples."""
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
@@ -85,13 +91,15 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(1)
     labels = list(range(len(CLASS_NAMES)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     result: dict[str, Any] = {"n": int(len(y_true)), **_headline(y_true, probs)}
     result["per_class"] = {
-        name: {"precision": float(precision[i]), "recall": float(recall[i]),
-               "f1": float(f1[i]), "support": int(support[i])}
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
         for i, name in enumerate(CLASS_NAMES)
     }
     result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()

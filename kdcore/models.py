@@ -1,5 +1,6 @@
 """Teacher (global transformer branch + CNN branch, each with its own normalisation,
 concatenated into an MLP head) and student builders, by timm names."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,6 +82,11 @@ def create_backbone(name: str, init: str, num_classes: int) -> nn.Module:
     return model
 
 
+def pooled_dim(cnn: nn.Module) -> int:
+    """Width of ``forward_head(pre_logits=True)``: MobileNetV3 widens after pooling."""
+    return getattr(cnn, "head_hidden_size", None) or cnn.num_features
+
+
 class Normalize(nn.Module):
     """Per-branch normalisation of a [0, 1] image, with the branch's own statistics."""
 
@@ -102,8 +108,13 @@ class FeatureMapTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=dim * 4, dropout=0.1, activation="gelu",
-            batch_first=True, norm_first=True,
+            dim,
+            heads,
+            dim_feedforward=dim * 4,
+            dropout=0.1,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -132,15 +143,18 @@ class HybridTeacher(nn.Module):
         elif cfg.global_branch == "feature_transformer":
             side = self._feature_side(input_size)
             self.vit = FeatureMapTransformer(
-                self.cnn.num_features, cfg.transformer_dim, cfg.transformer_depth,
-                cfg.transformer_heads, tokens=side * side,
+                self.cnn.num_features,
+                cfg.transformer_dim,
+                cfg.transformer_depth,
+                cfg.transformer_heads,
+                tokens=side * side,
             )
             global_dim = cfg.transformer_dim
         else:
             raise ValueError(f"unknown global_branch {cfg.global_branch!r}")
         self.global_branch = cfg.global_branch
         self.head = nn.Sequential(
-            nn.Linear(global_dim + self.cnn.num_features, cfg.head_hidden),
+            nn.Linear(global_dim + pooled_dim(self.cnn), cfg.head_hidden),
             nn.BatchNorm1d(cfg.head_hidden),
             nn.GELU(),
             nn.Dropout(cfg.dropout),

@@ -1,4 +1,5 @@
 """``train.py all``: the reference protocol, resumable step by step, then the reports."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, inc
     if include_extra and preset.extra_student is not None:
         rows.append(("efficientnet_lite0", preset.extra_student, preset.extra_student_train or preset.student_train))
     return [
-        StudentRun(f"{prefix}_{'kd' if kd else 'scratch'}", model, with_overrides(train, seed=seed, epochs=epochs), kd, seed)
+        StudentRun(
+            f"{prefix}_{'kd' if kd else 'scratch'}", model, with_overrides(train, seed=seed, epochs=epochs), kd, seed
+        )
         for prefix, model, train in rows
         for kd in (True, False)
         for seed in seeds
@@ -49,6 +52,7 @@ def _done(path: Path) -> bool:
 
 def best_by_validation(paths: list[Path]) -> Path:
     """The checkpoint with the highest validation balanced accuracy (then lowest val loss)."""
+
     def score(path: Path) -> tuple[float, float]:
         val = read_checkpoint_config(path)["validation"]
         return val["val_balanced_accuracy"], -val["val_loss"]
@@ -78,8 +82,15 @@ def run_all(preset: Preset, args: argparse.Namespace) -> None:
     for run in student_runs(preset, seeds, args.epochs, not args.skip_extra):
         path = runs / run.name
         if not _done(path):
-            train_student(run.model, preset.student_preprocess, run.train, data, path,
-                          teacher if run.with_teacher else None, resume=True)
+            train_student(
+                run.model,
+                preset.student_preprocess,
+                run.train,
+                data,
+                path,
+                teacher if run.with_teacher else None,
+                resume=True,
+            )
     write_reports(preset, args, data)
 
 
@@ -98,10 +109,17 @@ def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | Non
     runs = Path(args.runs) / preset.name
     if data is None:
         data = load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
-    teachers = [runs / teacher_name(c) for c in (preset.teacher, *preset.teacher_alternatives) if _done(runs / teacher_name(c))]
+    teachers = [
+        runs / teacher_name(c) for c in (preset.teacher, *preset.teacher_alternatives) if _done(runs / teacher_name(c))
+    ]
     teacher = best_by_validation(teachers)
-    done = [r for r in student_runs(preset, preset.seeds if not getattr(args, "seeds", None) else tuple(args.seeds),
-                                    args.epochs, True) if _done(runs / r.name)]
+    done = [
+        r
+        for r in student_runs(
+            preset, preset.seeds if not getattr(args, "seeds", None) else tuple(args.seeds), args.epochs, True
+        )
+        if _done(runs / r.name)
+    ]
     mobilenets = [runs / r.name for r in done if r.row.startswith("mobilenetv3")]
     student = best_by_validation(mobilenets)
     ship(teacher, student, Path(args.ship_dir))

@@ -1,5 +1,6 @@
 """The experiment steps behind ``train.py``: load BUSI, train the teacher, distil or
 train students, calibrate on validation, evaluate on test or on any class folder."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,30 @@ import torch
 from kdcore.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig, to_dict
 from kdcore.data import (
-    ImageRecord, folder_records, label_indices, load_resized, read_manifest, read_split_file,
-    records_in, sha256_file, verify_files, DataIntegrityError,
+    DataIntegrityError,
+    ImageRecord,
+    folder_records,
+    label_indices,
+    load_resized,
+    read_manifest,
+    read_split_file,
+    records_in,
+    sha256_file,
+    verify_files,
 )
 from kdcore.engine import (
-    FixedViewBank, OnlineAugmented, build_view_bank, fit, predict_logits,
+    FixedViewBank,
+    OnlineAugmented,
+    build_view_bank,
+    fit,
+    predict_logits,
 )
 from kdcore.inference import Predictor
 from kdcore.metrics import (
-    evaluate_predictions, expected_calibration_error, fit_temperature, markdown_table,
+    evaluate_predictions,
+    expected_calibration_error,
+    fit_temperature,
+    markdown_table,
     plot_confusion_matrix,
 )
 from kdcore.models import build_model
@@ -41,8 +57,9 @@ class BusiData:
     labels: dict[str, torch.Tensor]
 
 
-def load_busi(root: Path, split_file: Path, allow_mismatch: bool = False, subset: int = 0,
-              input_size: int = 224) -> BusiData:
+def load_busi(
+    root: Path, split_file: Path, allow_mismatch: bool = False, subset: int = 0, input_size: int = 224
+) -> BusiData:
     """Check files against manifest and split file, then cache the resized images."""
     root = Path(root)
     if not root.is_dir():
@@ -80,14 +97,28 @@ def _calibrate(model: torch.nn.Module, data: BusiData, preprocess: Preprocess) -
     }
 
 
-def _finish(model, model_cfg: ModelConfig, preprocess_cfg: PreprocessConfig, data: BusiData,
-            train_cfg: TrainConfig, result, out_path: Path, role: str, half: bool,
-            extra: dict[str, Any]) -> Path:
+def _finish(
+    model,
+    model_cfg: ModelConfig,
+    preprocess_cfg: PreprocessConfig,
+    data: BusiData,
+    train_cfg: TrainConfig,
+    result,
+    out_path: Path,
+    role: str,
+    half: bool,
+    extra: dict[str, Any],
+) -> Path:
     preprocess = Preprocess(preprocess_cfg)
     model = model.to(memory_format=torch.contiguous_format).eval()
     val_scores = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     return save_checkpoint(
-        out_path, model, model_cfg, preprocess_cfg, CLASS_NAMES, half=half,
+        out_path,
+        model,
+        model_cfg,
+        preprocess_cfg,
+        CLASS_NAMES,
+        half=half,
         extra={
             "role": role,
             "training": to_dict(train_cfg),
@@ -101,17 +132,31 @@ def _finish(model, model_cfg: ModelConfig, preprocess_cfg: PreprocessConfig, dat
     )
 
 
-def train_teacher(model_cfg: ModelConfig, preprocess_cfg: PreprocessConfig, train_cfg: TrainConfig,
-                  data: BusiData, out_path: Path, resume: bool = False) -> Path:
+def train_teacher(
+    model_cfg: ModelConfig,
+    preprocess_cfg: PreprocessConfig,
+    train_cfg: TrainConfig,
+    data: BusiData,
+    out_path: Path,
+    resume: bool = False,
+) -> Path:
     """Train the hybrid teacher with fresh augmentation every epoch."""
     model = build_model(model_cfg, preprocess_cfg.input_size)
     augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
     train_set = OnlineAugmented(data.images["train"], data.labels["train"], augment)
-    result = fit(model, train_set, data.images["val"], data.labels["val"], data.labels["train"],
-                 Preprocess(preprocess_cfg), train_cfg, out_path.parent / "work" / out_path.name,
-                 resume, desc=out_path.name)
-    return _finish(model, model_cfg, preprocess_cfg, data, train_cfg, result, out_path, "teacher",
-                   half=True, extra={})
+    result = fit(
+        model,
+        train_set,
+        data.images["val"],
+        data.labels["val"],
+        data.labels["train"],
+        Preprocess(preprocess_cfg),
+        train_cfg,
+        out_path.parent / "work" / out_path.name,
+        resume,
+        desc=out_path.name,
+    )
+    return _finish(model, model_cfg, preprocess_cfg, data, train_cfg, result, out_path, "teacher", half=True, extra={})
 
 
 def teacher_view_logits(teacher_path: Path, views: torch.Tensor, cache: Path) -> torch.Tensor:
@@ -133,24 +178,48 @@ def teacher_view_logits(teacher_path: Path, views: torch.Tensor, cache: Path) ->
     return logits
 
 
-def train_student(model_cfg: ModelConfig, preprocess_cfg: PreprocessConfig, train_cfg: TrainConfig,
-                  data: BusiData, out_path: Path, teacher_path: Path | None,
-                  resume: bool = False) -> Path:
+def train_student(
+    model_cfg: ModelConfig,
+    preprocess_cfg: PreprocessConfig,
+    train_cfg: TrainConfig,
+    data: BusiData,
+    out_path: Path,
+    teacher_path: Path | None,
+    resume: bool = False,
+) -> Path:
     """Student on fixed augmented views; with ``teacher_path`` it is distilled (KD),
     without it the same recipe minus the teacher (the ablation)."""
     augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
     bank_seed = 12345  # the same views for every student, KD or not: a fair ablation
     views = build_view_bank(data.images["train"], augment, train_cfg.views_per_image, bank_seed)
-    logits = (teacher_view_logits(teacher_path, views, out_path.parent / "work")
-              if teacher_path is not None else None)
+    logits = teacher_view_logits(teacher_path, views, out_path.parent / "work") if teacher_path is not None else None
     model = build_model(model_cfg, preprocess_cfg.input_size)
     train_set = FixedViewBank(views, data.labels["train"], logits)
-    result = fit(model, train_set, data.images["val"], data.labels["val"], data.labels["train"],
-                 Preprocess(preprocess_cfg), train_cfg, out_path.parent / "work" / out_path.name,
-                 resume, desc=out_path.name)
+    result = fit(
+        model,
+        train_set,
+        data.images["val"],
+        data.labels["val"],
+        data.labels["train"],
+        Preprocess(preprocess_cfg),
+        train_cfg,
+        out_path.parent / "work" / out_path.name,
+        resume,
+        desc=out_path.name,
+    )
     extra = {"teacher_weights_sha256": read_checkpoint_config(teacher_path)["weights_sha256"]} if teacher_path else {}
-    return _finish(model, model_cfg, preprocess_cfg, data, train_cfg, result, out_path,
-                   "student_kd" if teacher_path else "student_scratch", half=False, extra=extra)
+    return _finish(
+        model,
+        model_cfg,
+        preprocess_cfg,
+        data,
+        train_cfg,
+        result,
+        out_path,
+        "student_kd" if teacher_path else "student_scratch",
+        half=False,
+        extra=extra,
+    )
 
 
 def evaluation_records(data_dir: Path, split_file: Path) -> list[ImageRecord]:

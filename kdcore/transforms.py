@@ -1,5 +1,6 @@
 """THE preprocessing, built from a model's config and shared by training, evaluation,
 the app and export; plus the training-only ultrasound augmentation."""
+
 from __future__ import annotations
 
 import cv2

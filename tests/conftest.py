@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny real-architecture checkpoints (random weights) and paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcore.checkpoint import save_checkpoint
+from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, OFFLINE, ModelConfig
+
+BUSI = DEFAULT_DATA_DIR
+needs_busi = pytest.mark.skipif(not (BUSI / "manifest.csv").is_file(), reason="BUSI not available")
+
+
+@pytest.fixture(scope="session")
+def busi_dir() -> Path:
+    if not (BUSI / "manifest.csv").is_file():
+        pytest.skip("BUSI not available")
+    return BUSI
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """{'teacher': ..., 'student': ...} checkpoint paths in a session temp folder.
+
+    The student is the real MobileNetV3-Small; the teacher keeps the real hybrid layout on
+    a small CNN so that tests stay fast. Weights are random (seeded).
+    """
+    from kdcore.models import build_model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("checkpoints")
+    teacher_cfg = ModelConfig(
+        kind="teacher",
+        cnn_name="mobilenetv3_small_050",
+        global_branch="feature_transformer",
+        transformer_dim=32,
+        transformer_depth=1,
+        transformer_heads=2,
+        head_hidden=32,
+    )
+    paths = {}
+    for name, cfg, preprocess in (
+        ("teacher", teacher_cfg, OFFLINE.teacher_preprocess),
+        ("student", OFFLINE.student, OFFLINE.student_preprocess),
+    ):
+        model = build_model(cfg).eval()
+        paths[name] = save_checkpoint(
+            folder / name, model, cfg, preprocess, CLASS_NAMES, extra={"role": name, "metrics": {}}
+        )
+    return paths
+
+
+@pytest.fixture()
+def speckle_image() -> np.ndarray:
+    """A 300x400 synthetic grey speckle image with a dark round 'lesion'."""
+    rng = np.random.default_rng(0)
+    img = rng.rayleigh(60, (300, 400))
+    yy, xx = np.mgrid[:300, :400]
+    img[(yy - 150) ** 2 + (xx - 200) ** 2 < 50**2] *= 0.3
+    return np.clip(img, 0, 255).astype(np.uint8)
