@@ -1,0 +1,159 @@
+"""One live scanning session: ROI crop, student + Grad-CAM per frame, smoothing, FPS, overlay.
+
+A ``LiveSession`` lives in the browser session's ``gr.State``; the stream handler feeds it
+frames and "ask the teacher" reads its last frame. Everything here is plain numpy/OpenCV.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import cv2
+import numpy as np
+
+from kdcore.explain import overlay_heatmap
+from kdcore.live import CamPredictor
+
+STATUS_BAR_HEIGHT = 28
+PANEL_INTERVAL_S = 0.1  # side-panel refresh; the burned-in status bar updates every frame
+JPEG_QUALITY = 90
+ROI_COLOUR_BGR = (80, 200, 255)
+
+
+@dataclass(frozen=True)
+class RegionOfInterest:
+    """Margins (percent of width / height) cut from each edge, e.g. the scanner's UI."""
+
+    left: float = 0.0
+    top: float = 0.0
+    right: float = 0.0
+    bottom: float = 0.0
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1) in pixels; never empty."""
+        x0 = int(width * self.left / 100)
+        x1 = max(x0 + 1, int(width * (1 - self.right / 100)))
+        y0 = int(height * self.top / 100)
+        y1 = max(y0 + 1, int(height * (1 - self.bottom / 100)))
+        return y0, y1, x0, x1
+
+    @property
+    def is_full_frame(self) -> bool:
+        return not any((self.left, self.top, self.right, self.bottom))
+
+
+class ProbabilitySmoother:
+    """Exponential moving average of class probabilities; ``weight`` 0 means no smoothing."""
+
+    def __init__(self) -> None:
+        self.average: np.ndarray | None = None
+
+    def update(self, probabilities: np.ndarray, weight: float) -> np.ndarray:
+        if self.average is None or weight <= 0:
+            self.average = probabilities
+        else:
+            self.average = weight * self.average + (1 - weight) * probabilities
+        return self.average
+
+
+class FrameRateMeter:
+    """Running frames-per-second from the intervals between frames (EMA over ~1 s at 30 FPS)."""
+
+    def __init__(self, weight: float = 0.95) -> None:
+        self.weight = weight
+        self.last_time: float | None = None
+        self.mean_interval: float | None = None
+
+    def tick(self, now: float) -> float:
+        if self.last_time is not None:
+            interval = max(now - self.last_time, 1e-6)
+            self.mean_interval = (
+                interval
+                if self.mean_interval is None
+                else self.weight * self.mean_interval + (1 - self.weight) * interval
+            )
+        self.last_time = now
+        return 1.0 / self.mean_interval if self.mean_interval else 0.0
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """What one processed frame shows: the overlay frame and the numbers behind it."""
+
+    frame_bgr: np.ndarray
+    label: str
+    probabilities: dict[str, float]
+    latency_ms: float
+    fps: float
+
+    def status_text(self) -> str:
+        return (
+            f"student: {self.label} {self.probabilities[self.label]:.0%} | "
+            f"{self.latency_ms:.1f} ms/frame | {self.fps:.1f} FPS"
+        )
+
+    def status_markdown(self) -> str:
+        return (
+            f"**Student**: {self.label} ({self.probabilities[self.label]:.0%}) · "
+            f"**{self.latency_ms:.1f} ms** per frame · **{self.fps:.1f} FPS**"
+        )
+
+
+@dataclass
+class LiveSession:
+    """Per-browser-session state of the live tab (deep-copyable for ``gr.State``)."""
+
+    smoother: ProbabilitySmoother = field(default_factory=ProbabilitySmoother)
+    meter: FrameRateMeter = field(default_factory=FrameRateMeter)
+    last_grey: np.ndarray | None = None
+    last_panel_time: float = 0.0
+
+    def process(
+        self,
+        cam_predictor: CamPredictor,
+        frame_bgr: np.ndarray,
+        roi: RegionOfInterest,
+        smoothing: float,
+        opacity: float,
+    ) -> LiveFrame:
+        """Student prediction + Grad-CAM on the ROI of one BGR frame -> annotated BGR frame."""
+        started = time.perf_counter()
+        grey_frame = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)
+        y0, y1, x0, x1 = roi.box(*grey_frame.shape)
+        grey = grey_frame[y0:y1, x0:x1]
+        prediction, heatmap = cam_predictor.predict_with_cam(grey)
+        raw = np.array([prediction.probabilities[name] for name in cam_predictor.class_names])
+        smoothed = self.smoother.update(raw, smoothing)
+        probabilities = dict(zip(cam_predictor.class_names, map(float, smoothed)))
+        label = cam_predictor.class_names[int(np.argmax(smoothed))]
+        self.last_grey = grey.copy()
+
+        annotated = frame_bgr.copy()
+        annotated[y0:y1, x0:x1] = cv2.cvtColor(overlay_heatmap(grey, heatmap, opacity), cv2.COLOR_RGB2BGR)
+        if not roi.is_full_frame:
+            cv2.rectangle(annotated, (x0, y0), (x1 - 1, y1 - 1), ROI_COLOUR_BGR, 1)
+        latency_ms = (time.perf_counter() - started) * 1000
+        result = LiveFrame(annotated, label, probabilities, latency_ms, self.meter.tick(time.perf_counter()))
+        return replace(result, frame_bgr=with_status_bar(annotated, result.status_text()))
+
+    def panel_due(self, now: float) -> bool:
+        """True at most every ``PANEL_INTERVAL_S``: the side panel need not redraw 30 times a second."""
+        if now - self.last_panel_time < PANEL_INTERVAL_S:
+            return False
+        self.last_panel_time = now
+        return True
+
+
+def with_status_bar(frame: np.ndarray, text: str) -> np.ndarray:
+    """The frame with a black bar and ``text`` below it, so the image itself stays unobscured."""
+    bar = np.zeros((STATUS_BAR_HEIGHT, frame.shape[1], 3), dtype=np.uint8)
+    cv2.putText(bar, text, (8, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.vstack([frame, bar])
+
+
+def encode_jpeg(frame_bgr: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", frame_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return encoded.tobytes()

@@ -1,0 +1,119 @@
+"""What the app serves: the loaded models and teacher-vs-student analysis of one image.
+
+No Gradio here: these functions take arrays and paths and return plain data, so they are
+tested directly and reused by the image tab, the /predict API and "ask the teacher".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdcore.checkpoint import CheckpointError, checkpoint_paths
+from kdcore.config import REPO_ROOT
+from kdcore.explain import grad_cam, overlay_heatmap
+from kdcore.inference import Prediction, Predictor, load_predictor
+from kdcore.live import CamPredictor, load_cam_predictor
+
+DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
+ROLES = ("teacher", "student")
+HOW_TO_GET_CHECKPOINTS = (
+    "Train them with `python train.py all` (writes checkpoints/), or copy the released "
+    "`teacher.*` / `student.*` files into the checkpoints folder, then restart the app."
+)
+
+
+@dataclass
+class LoadedModels:
+    """The predictors the app could load, and a user-facing note for each one it could not."""
+
+    predictors: dict[str, Predictor] = field(default_factory=dict)
+    student_cam: CamPredictor | None = None
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    model_card: str = ""
+
+    @property
+    def status_markdown(self) -> str:
+        """Empty when all is well, else what is missing and how to get it."""
+        if not self.problems:
+            return ""
+        lines = "\n".join(f"- {problem}" for problem in self.problems)
+        return f"**Some models are not available.**\n{lines}\n\n{HOW_TO_GET_CHECKPOINTS}"
+
+
+def _load_role(folder: Path, role: str, models: LoadedModels) -> None:
+    weights, config = checkpoint_paths(folder / role)
+    missing = [p.name for p in (weights, config) if not p.is_file()]
+    if missing:
+        models.problems.append(f"{role}: checkpoint file(s) {', '.join(missing)} not found in the checkpoints folder.")
+        return
+    try:
+        models.predictors[role] = load_predictor(weights)
+        if role == "student":
+            models.student_cam = load_cam_predictor(weights)
+    except CheckpointError as exc:
+        # Messages name files; strip the folder so no server path reaches the browser.
+        models.problems.append(f"{role}: checkpoint is broken: {str(exc).replace(str(folder), '').lstrip('/')}")
+        return
+    models.configs[role] = json.loads(config.read_text())
+
+
+def load_models(folder: str | Path = DEFAULT_CHECKPOINT_DIR) -> LoadedModels:
+    """Load teacher and student from ``folder``; never raises for a missing or broken file."""
+    folder = Path(folder)
+    models = LoadedModels()
+    for role in ROLES:
+        _load_role(folder, role, models)
+    card = folder / "MODEL_CARD.md"
+    models.model_card = card.read_text() if card.is_file() else ""
+    return models
+
+
+@dataclass(frozen=True)
+class ImageAnalysis:
+    """Predictions and Grad-CAM heat-maps of every loaded model on one grey image."""
+
+    grey: np.ndarray
+    predictions: dict[str, Prediction]
+    heatmaps: dict[str, np.ndarray]
+
+    def as_json(self) -> dict[str, dict[str, Any]]:
+        """The /predict payload: ``{"teacher": {label, probabilities, latency_ms}, "student": {...}}``."""
+        return {role: prediction.as_dict() for role, prediction in self.predictions.items()}
+
+    def overlay(self, role: str, opacity: float) -> np.ndarray | None:
+        if role not in self.heatmaps:
+            return None
+        return overlay_heatmap(self.grey, self.heatmaps[role], opacity)
+
+    def agreement_markdown(self) -> str:
+        """A visible agree / disagree marker for the clinician."""
+        if len(self.predictions) < 2:
+            return "Only one model is loaded: no comparison."
+        teacher, student = self.predictions["teacher"], self.predictions["student"]
+        if teacher.label == student.label:
+            return f"### ✅ Teacher and student agree: **{teacher.label}**"
+        return f"### ⚠️ Disagreement: teacher says **{teacher.label}**, student says **{student.label}**"
+
+
+def analyse_image(models: LoadedModels, grey: np.ndarray) -> ImageAnalysis:
+    """Run every loaded model (with Grad-CAM) on one HxW uint8 image."""
+    predictions, heatmaps = {}, {}
+    for role, predictor in models.predictors.items():
+        predictions[role], heatmaps[role] = grad_cam(predictor, grey)
+    return ImageAnalysis(grey, predictions, heatmaps)
+
+
+def prediction_markdown(role: str, prediction: Prediction | None) -> str:
+    """One line per model: class, confidence and measured latency."""
+    if prediction is None:
+        return f"**{role.capitalize()}**: not loaded"
+    confidence = prediction.probabilities[prediction.label]
+    return (
+        f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}) · forward pass {prediction.latency_ms:.1f} ms"
+    )

@@ -1,0 +1,306 @@
+"""The Gradio interface: four tabs wired to kdcore handlers. ``app.py`` only parses the CLI.
+
+Models are loaded once in ``build_demo`` and captured by the handlers; per-user state lives
+in ``gr.State`` (the analysed image, the live session), never in module globals.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from fastrtc import AdditionalOutputs, VideoStreamHandler, WebRTC
+
+from kdcore.about import about_markdown
+from kdcore.imaging import IMAGE_SUFFIXES, ImageReadError, read_grey_image
+from kdcore.live_session import LiveSession, RegionOfInterest
+from kdcore.service import (
+    DEFAULT_CHECKPOINT_DIR,
+    ROLES,
+    ImageAnalysis,
+    LoadedModels,
+    analyse_image,
+    load_models,
+    prediction_markdown,
+)
+from kdcore.video import (
+    VIDEO_SUFFIXES,
+    FrameResult,
+    VideoReadError,
+    analyse_clip,
+    clip_summary_markdown,
+    probe_clip,
+    timeline_table,
+)
+from kdcore.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise_server_video_bitrate
+
+logger = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+MAX_UPLOAD = "200mb"
+BROWSER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+DISCLAIMER = (
+    "**Research demo, not a diagnostic device.** Predictions and heat-maps must not be used for clinical decisions."
+)
+DEFAULT_OPACITY = 0.4
+ROI_SIDES = ("left", "top", "right", "bottom")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    checkpoints: Path = DEFAULT_CHECKPOINT_DIR
+    examples_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+
+
+def launch_options(settings: AppSettings) -> dict[str, Any]:
+    """Keyword arguments for ``demo.launch``: local only, no share link, bounded uploads."""
+    return {
+        "server_name": settings.host,
+        "server_port": settings.port,
+        "share": False,
+        "max_file_size": MAX_UPLOAD,
+        "show_error": False,
+    }
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn our user-facing read errors into ``gr.Error`` (shown in the browser, app keeps serving)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ImageReadError, VideoReadError) as exc:
+            raise gr.Error(str(exc)) from exc
+
+    return wrapper
+
+
+def example_files(settings: AppSettings, suffixes: tuple[str, ...]) -> list[str]:
+    """Our generated assets plus the user's ``--examples-dir``, filtered by suffix."""
+    folders = [ASSETS_DIR, *([settings.examples_dir] if settings.examples_dir else [])]
+    return [
+        str(path)
+        for folder in folders
+        if folder.is_dir()
+        for path in sorted(folder.iterdir())
+        if path.suffix.lower() in suffixes
+    ]
+
+
+@dataclass
+class ComparisonPanel:
+    """Teacher and student side by side: summary line, probabilities, Grad-CAM overlay."""
+
+    summaries: list[gr.Markdown]
+    labels: list[gr.Label]
+    overlays: list[gr.Image]
+    agreement: gr.Markdown
+
+    @property
+    def text_outputs(self) -> list[gr.components.Component]:
+        return [*self.summaries, *self.labels, self.agreement]
+
+    @staticmethod
+    def overlay_values(analysis: ImageAnalysis | None, opacity: float) -> list[np.ndarray | None]:
+        return [analysis.overlay(role, opacity) if analysis else None for role in ROLES]
+
+    @staticmethod
+    def text_values(analysis: ImageAnalysis) -> list[Any]:
+        predictions = [analysis.predictions.get(role) for role in ROLES]
+        return [
+            *(prediction_markdown(role, p) for role, p in zip(ROLES, predictions)),
+            *(p.probabilities if p else None for p in predictions),
+            analysis.agreement_markdown(),
+        ]
+
+
+def comparison_panel() -> ComparisonPanel:
+    summaries, labels, overlays = [], [], []
+    with gr.Row(equal_height=True):
+        for role in ROLES:
+            with gr.Column():
+                summaries.append(gr.Markdown(f"**{role.capitalize()}**", elem_classes=[f"{role}-summary"]))
+                overlays.append(gr.Image(label=f"{role.capitalize()} Grad-CAM", interactive=False, format="png"))
+                labels.append(gr.Label(label=f"{role.capitalize()} probabilities", num_top_classes=3))
+    agreement = gr.Markdown(elem_classes=["agreement"])
+    return ComparisonPanel(summaries, labels, overlays, agreement)
+
+
+def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
+    analysis_state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            pasted = gr.Image(
+                label="Ultrasound image — drop, upload or paste",
+                sources=["upload", "clipboard"],
+                type="filepath",
+                image_mode=None,
+            )
+            uploaded = gr.File(
+                label="…or any file: PNG, JPEG, BMP, TIFF, DICOM",
+                file_types=list(IMAGE_SUFFIXES),
+                type="filepath",
+            )
+            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
+            gr.Examples(example_files(settings, BROWSER_IMAGE_SUFFIXES), inputs=[pasted], label="Examples")
+        with gr.Column(scale=2):
+            panel = comparison_panel()
+            result_json = gr.JSON(label="Result (JSON, as returned by /predict)")
+
+    @user_errors
+    def predict(path: str | None, opacity_value: float):
+        if not path:
+            return None, None, None, None
+        if not models.predictors:
+            raise gr.Error("No model is loaded; see the message at the top of the page.")
+        analysis = analyse_image(models, read_grey_image(path))
+        return analysis.as_json(), *panel.overlay_values(analysis, opacity_value), analysis
+
+    def show_text(analysis: ImageAnalysis | None):
+        if analysis is None:
+            return [""] * len(ROLES) + [None] * len(ROLES) + [""]
+        return panel.text_values(analysis)
+
+    outputs = [result_json, *panel.overlays, analysis_state]
+    for source, api_name in ((uploaded, "predict"), (pasted, "predict_image")):
+        source.change(predict, [source, opacity], outputs, api_name=api_name).success(
+            show_text, [analysis_state], panel.text_outputs, api_name=f"{api_name}_summary", show_api=False
+        )
+    opacity.change(
+        panel.overlay_values, [analysis_state, opacity], panel.overlays, api_name="image_opacity", show_api=False
+    )
+
+
+def live_frame(
+    models: LoadedModels,
+    frame_bgr: np.ndarray,
+    session: LiveSession,
+    opacity: float,
+    smoothing: float,
+    crop_left: float,
+    crop_top: float,
+    crop_right: float,
+    crop_bottom: float,
+):
+    """FastRTC handler: annotated frame every time, side-panel values at most ~10 times a second."""
+    roi = RegionOfInterest(crop_left, crop_top, crop_right, crop_bottom)
+    result = session.process(models.student_cam, frame_bgr, roi, smoothing, opacity)
+    if session.panel_due(time.perf_counter()):
+        return result.frame_bgr, AdditionalOutputs(result.probabilities, result.status_markdown())
+    return result.frame_bgr
+
+
+def _live_tab(models: LoadedModels) -> None:
+    session = gr.State(LiveSession())
+    if models.student_cam is None:
+        gr.Markdown("The live view needs the student checkpoint, which is not loaded.")
+        return
+    with gr.Row():
+        with gr.Column(scale=2):
+            stream = WebRTC(
+                label="Live scan: student + Grad-CAM on every frame",
+                mode="send-receive",
+                modality="video",
+                mirror_webcam=False,
+                track_constraints=LIVE_TRACK_CONSTRAINTS,
+                rtp_params=LIVE_RTP_PARAMS,
+                full_screen=False,
+                elem_id="live-stream",
+            )
+        with gr.Column(scale=1):
+            live_label = gr.Label(label="Student (live)", num_top_classes=3, elem_id="live-label")
+            live_stats = gr.Markdown("Press the camera button to start.", elem_id="live-stats")
+            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
+            smoothing = gr.Slider(0.0, 0.95, value=0.6, step=0.05, label="Temporal smoothing of probabilities")
+            with gr.Accordion("Region of interest (crop the scanner's interface)", open=False):
+                crops = [gr.Slider(0, 45, value=0, step=1, label=f"Crop {side} %") for side in ROI_SIDES]
+            freeze = gr.Button("Freeze frame — ask the teacher", variant="primary")
+    gr.Markdown("### Frozen frame: teacher vs student")
+    panel = comparison_panel()
+
+    stream.stream(
+        fn=VideoStreamHandler(functools.partial(live_frame, models), fps=30, skip_frames=True),
+        inputs=[stream, session, opacity, smoothing, *crops],
+        outputs=[stream],
+        time_limit=None,
+        concurrency_limit=2,
+    )
+    stream.on_additional_outputs(lambda probabilities, stats: (probabilities, stats), outputs=[live_label, live_stats])
+
+    def ask_teacher(live: LiveSession, opacity_value: float):
+        if live.last_grey is None:
+            raise gr.Error("No frame yet: start the live stream first.")
+        analysis = analyse_image(models, live.last_grey)
+        return *panel.overlay_values(analysis, opacity_value), *panel.text_values(analysis)
+
+    freeze.click(ask_teacher, [session, opacity], [*panel.overlays, *panel.text_outputs], api_name="ask_teacher")
+
+
+def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            clip = gr.File(label="Cine loop (mp4, avi, mov, gif)", file_types=list(VIDEO_SUFFIXES), type="filepath")
+            opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
+            run = gr.Button("Analyse clip", variant="primary")
+            gr.Examples(example_files(settings, VIDEO_SUFFIXES), inputs=[clip], label="Examples")
+        with gr.Column(scale=2):
+            frame = gr.Image(label="Student + Grad-CAM, at the clip's pace", interactive=False, format="jpeg")
+            progress = gr.Markdown()
+    timeline = gr.LinePlot(
+        x="time_s", y="probability", color="class", y_lim=[0, 1], label="Per-frame class probabilities"
+    )
+    summary = gr.Markdown()
+
+    @user_errors
+    def analyse_video(path: str | None, opacity_value: float) -> Iterator[tuple]:
+        if not path:
+            raise gr.Error("Upload a clip first.")
+        if models.student_cam is None:
+            raise gr.Error("The video view needs the student checkpoint, which is not loaded.")
+        info = probe_clip(path)
+        if info.capped:
+            gr.Warning(info.cap_message)
+        results: list[FrameResult] = []
+        started = time.perf_counter()
+        for overlay, result in analyse_clip(models.student_cam, path, info, opacity_value):
+            results.append(result)
+            wait = started + result.time_s - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)  # play back at the clip's own pace
+            status = f"frame {result.index + 1}/{info.frames_to_analyse} · {result.label} · {result.latency_ms:.1f} ms"
+            yield overlay, status, gr.skip(), gr.skip()
+        wall = time.perf_counter() - started
+        yield gr.skip(), "Done.", timeline_table(results), clip_summary_markdown(results, info, wall)
+
+    run.click(analyse_video, [clip, opacity], [frame, progress, timeline, summary], api_name="analyse_video")
+
+
+def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
+    """The whole app; starts even when checkpoints are missing, and says so at the top."""
+    models = load_models(settings.checkpoints)
+    for problem in models.problems:
+        logger.warning(problem)
+    raise_server_video_bitrate()
+    with gr.Blocks(title="Breast ultrasound KD demo", analytics_enabled=False) as demo:
+        gr.Markdown("# Breast ultrasound: ViT+CNN teacher vs MobileNetV3 student\n" + DISCLAIMER)
+        if models.problems:
+            gr.Markdown(models.status_markdown, elem_id="model-status")
+        with gr.Tab("Image"):
+            _image_tab(models, settings)
+        with gr.Tab("Live"):
+            _live_tab(models)
+        with gr.Tab("Video"):
+            _video_tab(models, settings)
+        with gr.Tab("About"):
+            gr.Markdown(about_markdown(models))
+    return demo

@@ -1,0 +1,136 @@
+"""Cine-loop analysis: decode a clip (capped), run the student + Grad-CAM on every frame,
+then a per-frame probability timeline and a clip-level summary."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from kdcore.explain import overlay_heatmap
+from kdcore.imaging import ImageReadError, grey_from_array
+from kdcore.live import CamPredictor
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".gif", ".webm", ".mkv")
+MAX_CLIP_SECONDS = 60.0
+MAX_FILE_BYTES = 200 * 1024 * 1024
+FALLBACK_FPS = 10.0  # when the container does not state a sensible frame rate (often GIFs)
+
+
+class VideoReadError(ValueError):
+    """A file that is not a usable video; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    name: str
+    fps: float
+    total_frames: int
+    frames_to_analyse: int
+
+    @property
+    def capped(self) -> bool:
+        return self.frames_to_analyse < self.total_frames
+
+    @property
+    def cap_message(self) -> str:
+        if not self.capped:
+            return ""
+        return (
+            f"{self.name} is {self.total_frames / self.fps:.0f} s long; only the first "
+            f"{MAX_CLIP_SECONDS:.0f} s ({self.frames_to_analyse} frames) are analysed."
+        )
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    index: int
+    time_s: float
+    label: str
+    probabilities: dict[str, float]
+    latency_ms: float
+
+
+def probe_clip(path: str | Path) -> ClipInfo:
+    """Check that ``path`` is a readable clip and work out how many frames to analyse."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise VideoReadError(f"{path.name}: not a supported video (use {', '.join(VIDEO_SUFFIXES)}).")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise VideoReadError(f"{path.name}: file is empty.")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise VideoReadError(f"{path.name}: file is larger than {MAX_FILE_BYTES // 2**20} MB.")
+    capture = cv2.VideoCapture(str(path))
+    try:
+        ok, _ = capture.read() if capture.isOpened() else (False, None)
+        if not ok:
+            raise VideoReadError(f"{path.name}: not a readable video (no frame could be decoded).")
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        capture.release()
+    fps = fps if 1.0 <= fps <= 240.0 else FALLBACK_FPS
+    total = max(total, 1)
+    return ClipInfo(path.name, fps, total, min(total, int(MAX_CLIP_SECONDS * fps)))
+
+
+def iter_grey_frames(path: str | Path, info: ClipInfo) -> Iterator[np.ndarray]:
+    """Decoded frames as HxW uint8, at most ``info.frames_to_analyse`` of them."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        for _ in range(info.frames_to_analyse):
+            ok, frame = capture.read()
+            if not ok:
+                return
+            try:
+                yield grey_from_array(frame, info.name)
+            except ImageReadError as exc:
+                raise VideoReadError(str(exc)) from exc
+    finally:
+        capture.release()
+
+
+def analyse_clip(
+    cam_predictor: CamPredictor, path: str | Path, info: ClipInfo, opacity: float
+) -> Iterator[tuple[np.ndarray, FrameResult]]:
+    """(RGB overlay frame, result) for each analysed frame, in order."""
+    for index, grey in enumerate(iter_grey_frames(path, info)):
+        prediction, heatmap = cam_predictor.predict_with_cam(grey)
+        result = FrameResult(index, index / info.fps, prediction.label, prediction.probabilities, prediction.latency_ms)
+        yield overlay_heatmap(grey, heatmap, opacity), result
+
+
+def timeline_table(results: list[FrameResult]) -> pd.DataFrame:
+    """Long table (time_s, class, probability) for a per-class line plot."""
+    rows = [
+        {"time_s": round(r.time_s, 3), "class": name, "probability": p}
+        for r in results
+        for name, p in r.probabilities.items()
+    ]
+    return pd.DataFrame(rows, columns=["time_s", "class", "probability"])
+
+
+def clip_summary_markdown(results: list[FrameResult], info: ClipInfo, wall_seconds: float) -> str:
+    """Clip-level verdict: mean probabilities, frame votes, speed."""
+    if not results:
+        return f"{info.name}: no frame could be decoded."
+    class_names = list(results[0].probabilities)
+    mean = {name: float(np.mean([r.probabilities[name] for r in results])) for name in class_names}
+    votes = Counter(r.label for r in results)
+    verdict = max(mean, key=mean.get)
+    latencies = [r.latency_ms for r in results]
+    lines = [
+        f"### Clip summary: **{verdict}** (mean probability {mean[verdict]:.0%})",
+        f"- {len(results)} frames analysed at {info.fps:.1f} FPS ({len(results) / info.fps:.1f} s of video)",
+        "- mean probability: " + ", ".join(f"{name} {mean[name]:.0%}" for name in class_names),
+        "- frames voting: " + ", ".join(f"{name} {votes.get(name, 0)}" for name in class_names),
+        f"- student forward pass: median {np.median(latencies):.1f} ms; whole clip processed in {wall_seconds:.1f} s",
+    ]
+    if info.capped:
+        lines.append(f"- ⚠️ {info.cap_message}")
+    return "\n".join(lines)
