@@ -28,6 +28,15 @@ TEACHER = ModelConfig(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
     """Random weights plus non-trivial BatchNorm statistics, so a lost buffer would show."""
     model.train()

@@ -11,6 +11,16 @@ from kdcore.config import ModelConfig
 from kdcore.distill import Distiller, kd_kl_term, kd_loss
 from kdcore.models import build_model, set_train_mode
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # A 2-sample, 3-class example, worked out by hand below (T = 4, alpha = 0.5).
 STUDENT = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
 TEACHER = [[3.0, 1.0, 0.0], [0.0, 0.0, 1.0]]

@@ -39,6 +39,17 @@ PROBS = np.array(
         [0.4, 0.1, 0.5],  # normal    -> normal
     ]
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 KEYS = {
     "n",
     "accuracy",

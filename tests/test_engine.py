@@ -1,0 +1,231 @@
+"""The training engine: resumable and reproducible, best state chosen on validation only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdcore import engine
+from kdcore.checkpoint import load_checkpoint
+from kdcore.config import AugmentConfig, ModelConfig, PreprocessConfig, TrainConfig
+from kdcore.engine import FixedViewBank, OnlineAugmented, class_weights_for, fit, validation_scores
+from kdcore.models import build_model
+from kdcore.protocol import BusiData, train_student, train_teacher
+from kdcore.transforms import Preprocess, UltrasoundAugment
+
+SIZE = 48
+STUDENT = ModelConfig(kind="student", cnn_name="mobilenetv3_small_050")
+TEACHER = ModelConfig(
+    kind="teacher",
+    cnn_name="mobilenetv3_small_050",
+    global_branch="feature_transformer",
+    transformer_dim=32,
+    transformer_depth=1,
+    transformer_heads=2,
+    head_hidden=32,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CFG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_epochs=1, patience=5, seed=3)
+
+
+def _synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 1, S, S) uint8 images whose brightness depends on the class, and the labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    base = (60 + 60 * labels).view(n, 1, 1, 1).float()
+    images = (base + 25 * torch.randn(n, 1, SIZE, SIZE, generator=g)).clamp(0, 255).to(torch.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    train_images, train_labels = _synthetic(24, 0)
+    val_images, val_labels = _synthetic(9, 1)
+    g = torch.Generator().manual_seed(2)
+    views = torch.stack([train_images, 255 - train_images, train_images // 2], dim=1)  # (N, V=3, 1, S, S)
+    teacher_logits = torch.randn(24, 3, 3, generator=g)
+    return train_images, train_labels, val_images, val_labels, views, teacher_logits
+
+
+def _fit(data, work_dir: Path, resume: bool = False, cfg: TrainConfig = CFG, model_seed: int = 0):
+    train_images, train_labels, val_images, val_labels, views, teacher_logits = data
+    torch.manual_seed(model_seed)
+    model = build_model(STUDENT, SIZE)
+    train_set = FixedViewBank(views, train_labels, teacher_logits)
+    preprocess = Preprocess(PreprocessConfig(input_size=SIZE))
+    result = fit(model, train_set, val_images, val_labels, train_labels, preprocess, cfg, work_dir, resume, "t")
+    return model, result
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    full_model, full = _fit(data, tmp_path / "full")
+    assert (tmp_path / "full" / "last.pt").is_file()
+    assert [h["epoch"] for h in full.history] == [1, 2]
+    assert all(h["train_kd"] > 0 for h in full.history)  # the cached teacher logits were used
+
+    # Same run, killed during epoch 2 (after epoch 1 was saved).
+    real_scores, calls = engine.validation_scores, []
+
+    def dies_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+        return real_scores(*args)
+
+    monkeypatch.setattr(engine, "validation_scores", dies_in_epoch_two)
+    with pytest.raises(Interrupted):
+        _fit(data, tmp_path / "cut")
+    monkeypatch.setattr(engine, "validation_scores", real_scores)
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1
+
+    # Resume with a differently initialised model: everything must come from last.pt.
+    resumed_model, resumed = _fit(data, tmp_path / "cut", resume=True, model_seed=99)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for a, b in zip(full.history, resumed.history):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    last_full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    last_resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    for key in last_full:
+        assert torch.equal(last_full[key], last_resumed[key]), key
+    for key, value in full_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+
+
+def test_same_seed_same_weights_other_seed_other_weights(data, tmp_path):
+    one_cfg = replace(CFG, epochs=1)
+    a, _ = _fit(data, tmp_path / "a", cfg=one_cfg)
+    b, _ = _fit(data, tmp_path / "b", cfg=one_cfg)
+    c, _ = _fit(data, tmp_path / "c", cfg=replace(one_cfg, seed=4))
+    key = "conv_stem.weight"
+    assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
+
+
+def test_returned_model_is_the_best_validation_epoch(data, tmp_path):
+    cfg = replace(CFG, epochs=3, lr=2e-2)  # a large lr makes the epochs differ
+    model, result = _fit(data, tmp_path / "best", cfg=cfg)
+    scores = [(h["val_balanced_accuracy"], -h["val_loss"]) for h in result.history]
+    assert result.best_epoch == 1 + max(range(len(scores)), key=lambda i: scores[i])
+    assert result.best_score == scores[result.best_epoch - 1]
+    # The weights handed back reproduce that epoch's validation numbers exactly.
+    _, _, val_images, val_labels, _, _ = data
+    again = validation_scores(model, val_images, val_labels, Preprocess(PreprocessConfig(input_size=SIZE)))
+    best_row = result.history[result.best_epoch - 1]
+    for key, value in again.items():
+        assert value == pytest.approx(best_row[key], abs=1e-6), key
+
+
+def test_early_stopping_after_patience_epochs_without_gain(data, tmp_path):
+    cfg = replace(CFG, epochs=6, patience=1, lr=0.0)  # lr 0: no epoch can beat the first one
+    _, result = _fit(data, tmp_path / "stop", cfg=cfg)
+    assert result.best_epoch == 1
+    assert len(result.history) == 2
+
+
+def test_fixed_view_bank_returns_the_teacher_logits_of_the_view_it_returns():
+    n, v = 5, 4
+    views = torch.zeros(n, v, 1, 8, 8, dtype=torch.uint8)
+    logits = torch.zeros(n, v, 3)
+    for i in range(n):
+        for j in range(v):
+            views[i, j] = 10 * i + j  # each view carries its own (image, view) code
+            logits[i, j] = torch.tensor([i, j, 10 * i + j], dtype=torch.float32)
+    bank = FixedViewBank(views, torch.arange(n) % 3, logits)
+    assert len(bank) == n
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        for i in range(n):
+            image, label, teacher = bank[i]
+            code = int(image[0, 0, 0])
+            assert image.shape == (1, 8, 8) and (image == code).all()
+            assert teacher.tolist() == [i, code - 10 * i, code]
+            assert label == i % 3
+            seen.add((i, code - 10 * i))
+    assert {j for _, j in seen} == set(range(v))  # every view gets used
+    # Without a teacher the logits are NaN, which the engine reads as "no KD".
+    _, _, none = FixedViewBank(views, torch.arange(n) % 3, None)[0]
+    assert torch.isnan(none).all()
+
+
+def test_online_augmented_yields_fresh_views_and_nan_logits():
+    images, labels = _synthetic(2, 0)
+    data = OnlineAugmented(images, labels, UltrasoundAugment(AugmentConfig(), SIZE))
+    torch.manual_seed(0)
+    a, label, logits = data[0]
+    b, _, _ = data[0]
+    assert a.shape == images[0].shape and a.dtype == torch.uint8 and label == labels[0]
+    assert not torch.equal(a, b) and torch.isnan(logits).all()
+
+
+def test_class_weights_favour_the_rare_class():
+    weights = class_weights_for(torch.tensor([0] * 6 + [1] * 3 + [2] * 1))
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[2] > weights[1] > weights[0]
+    assert (weights[0] / weights[2]).item() == pytest.approx(1 / 6)
+
+
+class _Untouchable:
+    """Stands in for the test split: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError("the test split was used during training")
+
+    def __len__(self):
+        raise AssertionError("the test split was used during training")
+
+    def __getitem__(self, key):
+        raise AssertionError("the test split was used during training")
+
+    def __iter__(self):
+        raise AssertionError("the test split was used during training")
+
+
+def test_training_and_model_selection_never_touch_the_test_split(data, tmp_path):
+    train_images, train_labels, val_images, val_labels, _, _ = data
+    busi = BusiData(
+        root=tmp_path,
+        split_sha256="0" * 64,
+        records={"train": [], "val": [], "test": _Untouchable()},
+        images={"train": train_images, "val": val_images, "test": _Untouchable()},
+        labels={"train": train_labels, "val": val_labels, "test": _Untouchable()},
+    )
+    preprocess = PreprocessConfig(input_size=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    teacher_path = train_teacher(TEACHER, preprocess, replace(CFG, epochs=2), busi, tmp_path / "teacher")
+    student_cfg = replace(CFG, epochs=2, views_per_image=2)
+    student_path = train_student(
+        STUDENT, PreprocessConfig(input_size=SIZE), student_cfg, busi, tmp_path / "student", teacher_path
+    )
+    for path, role in ((teacher_path, "teacher"), (student_path, "student_kd")):
+        model, config = load_checkpoint(path)
+        assert config["role"] == role
+        assert config["split_sha256"] == "0" * 64
+        best = config["history"][config["best_epoch"] - 1]
+        assert config["validation"] == best  # the recorded score is the validation score of the kept epoch
+        assert set(config["validation"]) >= {"val_loss", "val_accuracy", "val_balanced_accuracy"}
+        assert "test" not in json.dumps({k: config[k] for k in ("validation", "history")})
+        assert config["calibration"]["temperature"] > 0
+    assert (
+        config["teacher_weights_sha256"] == json.loads(teacher_path.with_suffix(".json").read_text())["weights_sha256"]
+    )
+    # The teacher's logits on the fixed views were cached for the next student.
+    assert list((tmp_path / "work").glob("teacher_logits_*.pt"))
