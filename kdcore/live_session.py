@@ -146,10 +146,11 @@ class LiveSession:
 
 
 def with_status_bar(frame: np.ndarray, text: str) -> np.ndarray:
-    """The frame with a black bar and ``text`` below it, so the image itself stays unobscured."""
+    """The frame with a black bar and ``text`` above it, so the image itself stays unobscured
+    (the stream's own Stop button sits over the bottom edge)."""
     bar = np.zeros((STATUS_BAR_HEIGHT, frame.shape[1], 3), dtype=np.uint8)
     cv2.putText(bar, text, (8, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-    return np.vstack([frame, bar])
+    return np.vstack([bar, frame])
 
 
 def encode_jpeg(frame_bgr: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:

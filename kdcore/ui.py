@@ -7,6 +7,7 @@ in ``gr.State`` (the analysed image, the live session), never in module globals.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,7 @@ DISCLAIMER = (
 )
 DEFAULT_OPACITY = 0.4
 ROI_SIDES = ("left", "top", "right", "bottom")
+USER_ERRORS = (ImageReadError, VideoReadError)
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,22 @@ def launch_options(settings: AppSettings) -> dict[str, Any]:
 def user_errors(fn: Callable) -> Callable:
     """Turn our user-facing read errors into ``gr.Error`` (shown in the browser, app keeps serving)."""
 
+    if inspect.isgeneratorfunction(fn):  # Gradio must still see a generator to stream its yields
+
+        @functools.wraps(fn)
+        def generator_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except USER_ERRORS as exc:
+                raise gr.Error(str(exc)) from exc
+
+        return generator_wrapper
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ImageReadError, VideoReadError) as exc:
+        except USER_ERRORS as exc:
             raise gr.Error(str(exc)) from exc
 
     return wrapper
