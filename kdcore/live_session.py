@@ -146,10 +146,12 @@ class LiveSession:
 
 
 def with_status_bar(frame: np.ndarray, text: str) -> np.ndarray:
-    """The frame with a black bar and ``text`` above it, so the image itself stays unobscured
-    (the stream's own Stop button sits over the bottom edge)."""
+    """The frame with a black bar above it, ``text`` right-aligned, so the image stays unobscured
+    (the stream's Stop button covers the bottom edge, its label the top-left corner)."""
     bar = np.zeros((STATUS_BAR_HEIGHT, frame.shape[1], 3), dtype=np.uint8)
-    cv2.putText(bar, text, (8, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    (text_width, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
+    origin = (max(8, frame.shape[1] - text_width - 8), 19)
+    cv2.putText(bar, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     return np.vstack([bar, frame])
 
 

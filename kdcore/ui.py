@@ -137,15 +137,16 @@ class ComparisonPanel:
         ]
 
 
-def comparison_panel() -> ComparisonPanel:
+def comparison_panel(prefix: str) -> ComparisonPanel:
+    """Built inside the current layout; element ids start with ``prefix`` (one panel per tab)."""
     summaries, labels, overlays = [], [], []
     with gr.Row(equal_height=True):
         for role in ROLES:
             with gr.Column():
-                summaries.append(gr.Markdown(f"**{role.capitalize()}**", elem_classes=[f"{role}-summary"]))
+                summaries.append(gr.Markdown(f"**{role.capitalize()}**", elem_id=f"{prefix}-{role}-summary"))
                 overlays.append(gr.Image(label=f"{role.capitalize()} Grad-CAM", interactive=False, format="png"))
                 labels.append(gr.Label(label=f"{role.capitalize()} probabilities", num_top_classes=3))
-    agreement = gr.Markdown(elem_classes=["agreement"])
+    agreement = gr.Markdown(elem_id=f"{prefix}-agreement")
     return ComparisonPanel(summaries, labels, overlays, agreement)
 
 
@@ -167,7 +168,7 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             gr.Examples(example_files(settings, BROWSER_IMAGE_SUFFIXES), inputs=[pasted], label="Examples")
         with gr.Column(scale=2):
-            panel = comparison_panel()
+            panel = comparison_panel("image")
             result_json = gr.JSON(label="Result (JSON, as returned by /predict)")
 
     @user_errors
@@ -239,7 +240,7 @@ def _live_tab(models: LoadedModels) -> None:
                 crops = [gr.Slider(0, 45, value=0, step=1, label=f"Crop {side} %") for side in ROI_SIDES]
             freeze = gr.Button("Freeze frame — ask the teacher", variant="primary")
     gr.Markdown("### Frozen frame: teacher vs student")
-    panel = comparison_panel()
+    panel = comparison_panel("frozen")
 
     stream.stream(
         fn=VideoStreamHandler(functools.partial(live_frame, models), fps=30, skip_frames=True),

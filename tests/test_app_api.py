@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+from app_helpers import launch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from kdcore.config import CLASS_NAMES
-from kdcore.ui import AppSettings, build_demo, launch_options
+from kdcore.ui import AppSettings, launch_options
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(checkpoints: Path):
-    settings = AppSettings(checkpoints=checkpoints, port=free_port())
-    demo = build_demo(settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
-    return demo
 
 
 @pytest.fixture(scope="module")
