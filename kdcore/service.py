@@ -97,8 +97,8 @@ class ImageAnalysis:
             return "Only one model is loaded: no comparison."
         teacher, student = self.predictions["teacher"], self.predictions["student"]
         if teacher.label == student.label:
-            return f"### ✅ Teacher and student agree: **{teacher.label}**"
-        return f"### ⚠️ Disagreement: teacher says **{teacher.label}**, student says **{student.label}**"
+            return f"### ✔ Teacher and student agree: **{teacher.label}**"
+        return f"### ⚠ Disagreement: teacher says **{teacher.label}**, student says **{student.label}**"
 
 
 def analyse_image(models: LoadedModels, grey: np.ndarray) -> ImageAnalysis:

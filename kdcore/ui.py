@@ -144,7 +144,14 @@ def comparison_panel(prefix: str) -> ComparisonPanel:
         for role in ROLES:
             with gr.Column():
                 summaries.append(gr.Markdown(f"**{role.capitalize()}**", elem_id=f"{prefix}-{role}-summary"))
-                overlays.append(gr.Image(label=f"{role.capitalize()} Grad-CAM", interactive=False, format="png"))
+                overlays.append(
+                    gr.Image(
+                        label=f"{role.capitalize()} Grad-CAM",
+                        interactive=False,
+                        format="png",
+                        elem_id=f"{prefix}-{role}-overlay",
+                    )
+                )
                 labels.append(gr.Label(label=f"{role.capitalize()} probabilities", num_top_classes=3))
     agreement = gr.Markdown(elem_id=f"{prefix}-agreement")
     return ComparisonPanel(summaries, labels, overlays, agreement)

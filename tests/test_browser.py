@@ -115,6 +115,8 @@ def test_live_stream_in_chromium(tiny_checkpoints, tmp_path):
                 "() => /(benign|malignant|normal)/.test(document.querySelector('#frozen-teacher-summary').innerText)",
                 timeout=60_000,
             )
+            page.locator("#frozen-teacher-overlay img").wait_for(timeout=30_000)
+            page.locator("#frozen-student-overlay img").wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "live_stream_teacher.png"), full_page=True)
             browser.close()
     finally:
