@@ -1,0 +1,327 @@
+"""train.py as a user runs it: help, evaluate on any folder or on BUSI, data checks, smoke runs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdcore import metrics
+from kdcore.config import CLASS_NAMES, DEFAULT_SPLIT_FILE, REPO_ROOT
+from kdcore.data import read_split_file
+from kdcore.inference import load_predictor
+from kdcore.protocol import load_busi
+
+TRAIN_PY = REPO_ROOT / "train.py"
+EVAL_KEYS = {
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "auc_malignant_vs_benign",
+    "ci95",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def fast_bootstrap(monkeypatch):
+    """200 bootstrap rounds instead of 1000 (sklearn calls per round are slow on a busy CPU)."""
+    original = metrics.bootstrap_intervals
+    monkeypatch.setattr(metrics, "bootstrap_intervals", lambda y, p, rounds=200, seed=0: original(y, p, rounds, seed))
+
+
+def run_train(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` from ``cwd`` (so nothing lands in the repository)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, str(TRAIN_PY), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """``train.main(ARGS)`` in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    code = _train_module().main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _synthetic_ultrasound(seed: int, label: int, size: tuple[int, int] = (96, 120)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.rayleigh(40 + 25 * label, size)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_fake_busi(root: Path, per_class: int = 4) -> Path:
+    """A BUSI-shaped folder (class folders, manifest.csv) plus its split file; returns the split file."""
+    rows, split_rows = [], []
+    splits = ["train", "train", "val", "test"]
+    for c, label in enumerate(CLASS_NAMES):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            rel = f"{label}/{label} ({i + 1}).png"
+            Image.fromarray(_synthetic_ultrasound(10 * c + i, c)).save(root / rel)
+            digest = _sha256(root / rel)
+            rows.append([rel, label, 120, 96, "L", "", digest, digest])
+            split_rows.append([rel, digest, f"g{c}{i}", label, splits[i % len(splits)]])
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "width", "height", "mode", "masks", "sha256_original", "sha256"])
+        writer.writerows(rows)
+    split_file = root.parent / f"{root.name}_split.csv"
+    with open(split_file, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "sha256", "group", "label", "split"])
+        writer.writerows(split_rows)
+    return split_file
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def test_help_lists_every_subcommand(tmp_path):
+    result = run_train("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for command in ("teacher", "student", "scratch", "evaluate", "all"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("teacher", ["--preset", "--data", "--out", "--epochs", "--resume", "--init-weights", "--allow-data-mismatch"]),
+        ("student", ["--teacher", "--preset", "--data", "--out", "--subset", "--init-weights"]),
+        ("scratch", ["--preset", "--data", "--out", "--subset"]),
+        ("evaluate", ["--checkpoint", "--data", "--out", "--split-file"]),
+        ("all", ["--runs", "--ship-dir", "--reports", "--seeds", "--subset"]),
+    ],
+)
+def test_each_subcommand_explains_its_options(tmp_path, command, options):
+    result = run_train(command, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in options:
+        assert option in result.stdout, option
+    assert "offline" in result.stdout or command == "evaluate"
+
+
+def test_defaults_point_at_the_shared_busi_folder_and_committed_split():
+    args = _train_module().build_parser().parse_args(["teacher"])
+    assert args.data == REPO_ROOT.parent / "shared" / "data" / "busi"
+    assert args.split_file == DEFAULT_SPLIT_FILE and args.preset == "offline"
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_any_class_folder_writes_json_markdown_and_png(tmp_path, tiny_checkpoints, fast_bootstrap, capsys):
+    data = tmp_path / "my_scans"
+    for label, c in (("benign", 0), ("malignant", 1)):  # a subset of the classes
+        (data / label).mkdir(parents=True)
+        img = Image.fromarray(_synthetic_ultrasound(c, c, (180, 240)))
+        img.save(data / label / "a.png")
+        img.convert("RGB").save(data / label / "b.jpg", quality=90)
+        img.save(data / label / "c.bmp")
+    Image.fromarray(_synthetic_ultrasound(9, 0)).save(data / "benign" / "a_mask.png")  # BUSI-style mask: skipped
+    (data / "malignant" / "notes.txt").write_text("not an image")
+    out = tmp_path / "results" / "scores.json"
+
+    code, stdout, _ = run_main(
+        capsys, "evaluate", "--checkpoint", tiny_checkpoints["student"], "--data", data, "--out", out
+    )
+    assert code == 0
+    scores = json.loads(out.read_text())
+    assert EVAL_KEYS <= set(scores)
+    assert scores["n"] == 6
+    assert {k: v["support"] for k, v in scores["per_class"].items()} == {"benign": 3, "malignant": 3, "normal": 0}
+    assert sum(map(sum, scores["confusion_matrix"])) == 6
+    for row in scores["per_class"].values():
+        assert set(row) >= {"precision", "recall", "f1", "support"}
+    assert set(scores["ci95"]) >= {"accuracy", "balanced_accuracy", "macro_f1"}
+    assert "| benign |" in out.with_suffix(".md").read_text()
+    with Image.open(out.with_suffix(".png")) as png:
+        assert png.format == "PNG" and png.width > 100
+    assert json.loads(stdout)["n"] == 6
+
+
+def test_evaluate_on_busi_scores_exactly_the_test_rows(busi_dir, tiny_checkpoints, tmp_path, fast_bootstrap, capsys):
+    out = tmp_path / "busi.json"
+    code, stdout, _ = run_main(
+        capsys, "evaluate", "--checkpoint", tiny_checkpoints["student"], "--data", busi_dir, "--out", out
+    )
+    assert code == 0 and json.loads(stdout)["n"] == 151
+    scores = json.loads(out.read_text())
+    test_rows = [r for r in read_split_file(DEFAULT_SPLIT_FILE) if r.split == "test"]
+    assert scores["n"] == len(test_rows) == 151
+    expected = Counter(r.label for r in test_rows)
+    assert {k: v["support"] for k, v in scores["per_class"].items()} == dict(expected)
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+
+
+def test_evaluate_rejects_a_folder_without_class_subfolders(tmp_path, tiny_checkpoints, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "x.json"
+    code, _, err = run_main(
+        capsys, "evaluate", "--checkpoint", tiny_checkpoints["student"], "--data", tmp_path / "empty", "--out", out
+    )
+    assert code != 0 and "benign" in err and not out.exists()
+
+
+def test_evaluate_rejects_a_tampered_checkpoint(tmp_path, tiny_checkpoints, speckle_image, capsys):
+    weights = tmp_path / "student.safetensors"
+    weights.write_bytes(tiny_checkpoints["student"].read_bytes()[:-1] + b"\0")
+    (tmp_path / "student.json").write_text(tiny_checkpoints["student"].with_suffix(".json").read_text())
+    (tmp_path / "d" / "benign").mkdir(parents=True)
+    Image.fromarray(speckle_image).save(tmp_path / "d" / "benign" / "x.png")
+    code, _, err = run_main(capsys, "evaluate", "--checkpoint", weights, "--data", tmp_path / "d", "--out", "x.json")
+    assert code != 0 and "sha256" in err
+
+
+# ----------------------------------------------------------------------------- data checks
+
+
+def test_training_on_modified_data_stops_naming_the_files(tmp_path, capsys):
+    data = tmp_path / "busi"
+    split_file = make_fake_busi(data)
+    with open(data / "benign" / "benign (2).png", "ab") as f:
+        f.write(b"tampered")
+    (data / "normal" / "normal (1).png").unlink()
+    code, _, err = run_main(
+        capsys, "teacher", "--data", data, "--split-file", split_file, "--out", tmp_path / "t", "--epochs", "1"
+    )
+    assert code != 0
+    assert "benign/benign (2).png" in err and "normal/normal (1).png" in err
+    assert "--allow-data-mismatch" in err
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_split_file_that_disagrees_with_the_manifest_is_refused(tmp_path, capsys):
+    data = tmp_path / "busi"
+    split_file = make_fake_busi(data)
+    text = split_file.read_text().splitlines()
+    file, sha, *rest = text[1].split(",")
+    text[1] = ",".join([file, "0" * 64, *rest])
+    split_file.write_text("\n".join(text) + "\n")
+    code, _, err = run_main(capsys, "scratch", "--data", data, "--split-file", split_file, "--out", tmp_path / "s")
+    assert code != 0 and "disagree" in err and "train.py split" in err
+
+
+def test_allow_data_mismatch_overrides_the_check(tmp_path):
+    data = tmp_path / "busi"
+    split_file = make_fake_busi(data)
+    with open(data / "benign" / "benign (2).png", "ab") as f:
+        f.write(b"tampered")  # still a readable PNG
+    busi = load_busi(data, split_file, allow_mismatch=True, input_size=32)
+    assert {s: len(busi.records[s]) for s in ("train", "val", "test")} == {"train": 6, "val": 3, "test": 3}
+    assert busi.images["train"].shape == (6, 1, 32, 32)
+    assert busi.split_sha256 == _sha256(split_file)
+
+
+def test_bad_init_weights_stop_training_with_a_message(tmp_path, capsys):
+    data = tmp_path / "busi"
+    split_file = make_fake_busi(data)
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv_stem.weight": torch.zeros(8, 3, 3, 3)}, str(bad))
+    code, _, err = run_main(
+        capsys, "teacher", "--data", data, "--split-file", split_file, "--out", tmp_path / "t", "--init-weights", bad
+    )
+    assert code != 0 and "tensors" in err and not (tmp_path / "t.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- smoke runs on BUSI
+
+
+def _check_trained(path: Path, role: str) -> dict:
+    assert path.is_file() and path.with_suffix(".json").is_file()
+    config = json.loads(path.with_suffix(".json").read_text())
+    assert config["role"] == role
+    assert config["split_sha256"] == _sha256(DEFAULT_SPLIT_FILE)
+    assert config["training"]["epochs"] == 1
+    assert config["validation"] == config["history"][config["best_epoch"] - 1]
+    assert config["calibration"]["temperature"] > 0
+    predictor = load_predictor(path)
+    assert predictor.predict(_synthetic_ultrasound(0, 0, (200, 260))).label in CLASS_NAMES
+    return config
+
+
+@pytest.mark.slow
+def test_teacher_student_scratch_smoke_on_busi(busi_dir, tmp_path, capsys):
+    """In-process (the `all` smoke below runs the script itself): train.py teacher, student, scratch."""
+    common = ["--data", busi_dir, "--subset", "12", "--epochs", "1"]
+    code, _, err = run_main(capsys, "teacher", *common, "--out", tmp_path / "teacher")
+    assert code == 0, err[-3000:]
+    _check_trained(tmp_path / "teacher.safetensors", "teacher")
+
+    code, _, err = run_main(
+        capsys, "student", *common, "--teacher", tmp_path / "teacher", "--out", tmp_path / "student"
+    )
+    assert code == 0, err[-3000:]
+    config = _check_trained(tmp_path / "student.safetensors", "student_kd")
+    teacher_sha = json.loads((tmp_path / "teacher.json").read_text())["weights_sha256"]
+    assert config["teacher_weights_sha256"] == teacher_sha
+    assert config["history"][0]["train_kd"] > 0  # it really distilled
+
+    code, _, err = run_main(capsys, "scratch", *common, "--out", tmp_path / "scratch")
+    assert code == 0, err[-3000:]
+    config = _check_trained(tmp_path / "scratch.safetensors", "student_scratch")
+    assert config["history"][0]["train_kd"] == 0
+    assert "teacher_weights_sha256" not in config
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "scratch.safetensors",
+        "student.safetensors",
+        "teacher.safetensors",
+    ]
+
+
+@pytest.mark.slow
+def test_all_smoke_on_busi_ships_models_and_writes_reports(busi_dir, tmp_path):
+    runs, ship, reports = tmp_path / "runs", tmp_path / "ship", tmp_path / "reports"
+    result = run_train(
+        "all", "--data", busi_dir, "--subset", "12", "--epochs", "1", "--seeds", "0",
+        "--runs", runs, "--ship-dir", ship, "--reports", reports,
+        cwd=tmp_path, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("teacher", "student"):
+        assert (ship / f"{name}.safetensors").is_file() and (ship / f"{name}.json").is_file()
+    assert json.loads((ship / "student.json").read_text())["role"] == "student_kd"
+    assert load_predictor(ship / "student").class_names == CLASS_NAMES
+    assert any(reports.iterdir())
