@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from app_helpers import launch
 from gradio_client import Client, handle_file
@@ -43,6 +44,18 @@ def test_predict_on_a_busi_image(client, busi_dir):
     for overlay in (teacher_overlay, student_overlay):
         with Image.open(overlay) as shown:
             assert shown.size == size and shown.mode == "RGB"
+
+
+def test_predict_accepts_dicom_and_16_bit_tiff(client, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    tiff = tmp_path / "scan16.tiff"
+    Image.fromarray(np.arange(256 * 256, dtype=np.uint16).reshape(256, 256) * 3).save(tiff)
+    for path in (Path(get_testdata_file("MR_small.dcm")), tiff):
+        payload, teacher_overlay, _ = client.predict(handle_file(path), api_name="/predict")
+        assert set(payload) == {"teacher", "student"}
+        with Image.open(teacher_overlay) as shown:
+            assert shown.mode == "RGB" and min(shown.size) >= 64
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 
 import cv2
+import gradio as gr
+import numpy as np
 import pytest
-from app_helpers import launch
+from app_helpers import free_port, launch
 
 from kdcore.config import CLASS_NAMES, REPO_ROOT
+from kdcore.live import load_cam_predictor
+from kdcore.live_session import LiveSession, RegionOfInterest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CLIP_FRAMES = REPO_ROOT.parent / "shared" / "data" / "breast_usv" / "BR001"
@@ -136,3 +140,58 @@ def test_live_stream_in_chromium(tiny_checkpoints, tmp_path):
     assert end["width"] == 640, f"the stream was scaled down to {end['width']}x{end['height']}"
     assert colour > 10, "the frame shown has no Grad-CAM colour"
     assert browser_fps >= MIN_FPS, f"{browser_fps:.1f} FPS in the browser"
+
+
+def plain_gradio_streaming_demo(checkpoint: Path) -> gr.Blocks:
+    """The same live handler behind Gradio's own webcam streaming (for comparison only)."""
+    cam_predictor = load_cam_predictor(checkpoint)
+
+    def annotate(frame_rgb: np.ndarray, session: LiveSession) -> np.ndarray:
+        result = session.process(cam_predictor, frame_rgb[..., ::-1], RegionOfInterest(), 0.6, 0.4)
+        return result.frame_bgr[..., ::-1]
+
+    with gr.Blocks() as demo:
+        session = gr.State(LiveSession())
+        camera = gr.Image(
+            sources=["webcam"],
+            streaming=True,
+            type="numpy",
+            mirror_webcam=False,
+            webcam_constraints={"video": {"width": 640, "height": 480}},
+            elem_id="camera",
+        )
+        shown = gr.Image(format="jpeg", elem_id="shown")
+        camera.stream(annotate, [camera, session], [shown], stream_every=1 / 30, time_limit=None, api_name="annotate")
+    return demo
+
+
+@pytest.mark.slow
+def test_plain_gradio_streaming_fps_for_comparison(tiny_checkpoints, tmp_path):
+    """Report only: how many overlay frames per second Gradio's HTTP image streaming shows."""
+    from playwright.sync_api import sync_playwright
+
+    y4m = write_y4m(CLIP_FRAMES, tmp_path / "breast_usv_640x480.y4m")
+    demo = plain_gradio_streaming_demo(tiny_checkpoints["student"])
+    demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port())
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(demo.local_url)
+            page.locator("#camera").get_by_text("Click to Access Webcam").click()
+            page.locator("#camera button[aria-label='start stream'], #camera button:has-text('Record')").first.click()
+            page.locator("#shown img").wait_for(timeout=60_000)
+            page.evaluate(
+                """() => { window.shownFrames = 0;
+                new MutationObserver(() => window.shownFrames++).observe(
+                    document.querySelector('#shown'), {subtree: true, attributes: true, attributeFilter: ['src']}); }"""
+            )
+            time.sleep(MEASURE_SECONDS)
+            plain_fps = page.evaluate("() => window.shownFrames") / MEASURE_SECONDS
+            page.screenshot(path=str(ARTIFACTS / "plain_gradio_stream.png"))
+            browser.close()
+    finally:
+        demo.close()
+    print(f"\nplain Gradio image streaming in Chromium: {plain_fps:.1f} FPS")
+    (ARTIFACTS / "plain_gradio_stream.json").write_text(json.dumps({"browser_fps": round(plain_fps, 1)}))
+    assert plain_fps > 0, "no overlay frame reached the page"
