@@ -100,6 +100,7 @@ class Preset:
     student_train: TrainConfig
     seeds: tuple[int, ...] = (0, 1, 2)
     teacher_alternatives: tuple[ModelConfig, ...] = ()  # compared on validation, best kept
+    alternative_epochs: int = 0  # >0: alternatives get this budget; all compared within it
     extra_student_train: TrainConfig | None = None
 
 
@@ -143,6 +144,7 @@ OFFLINE = Preset(
     teacher_train=TrainConfig(epochs=20, lr=3e-4, weight_decay=0.05, patience=8),
     student_train=TrainConfig(epochs=60, lr=2e-3, weight_decay=0.05, patience=15),
     extra_student_train=TrainConfig(epochs=12, lr=3e-4, weight_decay=0.05, patience=8),
+    alternative_epochs=8,
     teacher_alternatives=(
         ModelConfig(
             kind="teacher",

@@ -105,7 +105,7 @@ class OnnxRuntimeModule(nn.Module):
         self.session = session
 
     def forward(self, small: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(["logits"], {INPUT_NAME: small.numpy()})
+        (logits,) = self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: small.numpy()})
         return torch.from_numpy(logits)
 
     def logits_and_cam(self, small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +151,8 @@ def max_abs_differences(
     return {name: float(np.abs(want.numpy() - got).max()) for name, want, got in zip(OUTPUT_NAMES, expected, actual)}
 
 
-class PreprocessedImages(CalibrationDataReader):
-    """Feeds grey images, preprocessed one by one, to the INT8 calibrator."""
+class ResizedCalibrationImages(CalibrationDataReader):
+    """Feeds grey images, resized one by one as the graph expects, to the INT8 calibrator."""
 
     def __init__(self, greys: Sequence[np.ndarray], preprocess: Preprocess) -> None:
         self.greys = greys
@@ -174,7 +174,7 @@ def nodes_off_the_logits_path(proto: onnx.ModelProto) -> list[str]:
     """Names of the nodes that only compute the CAM (everything ``logits`` does not depend on)."""
     producers = {output: node.name for node in proto.graph.node for output in node.output}
     inputs = {node.name: node.input for node in proto.graph.node}
-    needed, pending = set(), ["logits"]
+    needed, pending = set(), [OUTPUT_NAMES[0]]
     while pending:
         name = producers.get(pending.pop())
         if name is not None and name not in needed:
@@ -211,7 +211,7 @@ def share_dequantized_weights(original: onnx.ModelProto, quantized: onnx.ModelPr
         quantized.graph.initializer.remove(init)
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: PreprocessedImages) -> Path:
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: ResizedCalibrationImages) -> Path:
     """Static INT8 (QDQ, per-channel weights, min-max activations) of the classifier path;
     the CAM arithmetic after it stays in fp32 (on the dequantized weights)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +266,7 @@ def export_checkpoint(
         "max_abs_diff_fp32": max_abs_differences(model, config, onnx_session(fp32_path), small),
     }
     if int8:
-        quantize_int8(fp32_path, int8_path, PreprocessedImages(calibration_greys, preprocess))
+        quantize_int8(fp32_path, int8_path, ResizedCalibrationImages(calibration_greys, preprocess))
         report |= {
             "int8_onnx": str(int8_path),
             "int8_onnx_mb": round(file_mb(int8_path), 3),

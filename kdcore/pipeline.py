@@ -50,26 +50,36 @@ def _done(path: Path) -> bool:
     return all(p.is_file() for p in checkpoint_paths(path))
 
 
-def best_by_validation(paths: list[Path]) -> Path:
+def validation_score(path: Path, within_epochs: int = 0) -> tuple[float, float]:
+    """Best (val balanced accuracy, -val loss) of a run, optionally within its first epochs."""
+    history = read_checkpoint_config(path)["history"]
+    rows = [h for h in history if not within_epochs or h["epoch"] <= within_epochs]
+    return max((h["val_balanced_accuracy"], -h["val_loss"]) for h in rows)
+
+
+def best_by_validation(paths: list[Path], within_epochs: int = 0) -> Path:
     """The checkpoint with the highest validation balanced accuracy (then lowest val loss)."""
+    return max(paths, key=lambda p: validation_score(p, within_epochs))
 
-    def score(path: Path) -> tuple[float, float]:
-        val = read_checkpoint_config(path)["validation"]
-        return val["val_balanced_accuracy"], -val["val_loss"]
 
-    return max(paths, key=score)
+def teacher_candidates(preset: Preset) -> list[tuple[ModelConfig, int | None]]:
+    """(config, epochs override) of the preset's teacher and its alternatives."""
+    budget = preset.alternative_epochs or None
+    return [(preset.teacher, None)] + [(cfg, budget) for cfg in preset.teacher_alternatives]
 
 
 def train_teachers(preset: Preset, data: BusiData, runs: Path, args: argparse.Namespace) -> Path:
-    """Train the preset's teacher and its alternatives; keep the best on validation."""
+    """Train the preset's teacher and its alternatives; keep the best on validation,
+    comparing all of them within the alternatives' epoch budget (same budget for all)."""
     candidates = []
-    for cfg in (preset.teacher, *preset.teacher_alternatives):
+    for cfg, budget in teacher_candidates(preset):
         path = runs / teacher_name(cfg)
         if not _done(path):
-            train_cfg = with_overrides(preset.teacher_train, epochs=args.epochs, seed=args.seed)
+            epochs = args.epochs or budget
+            train_cfg = with_overrides(preset.teacher_train, epochs=epochs, seed=args.seed)
             train_teacher(cfg, preset.teacher_preprocess, train_cfg, data, path, resume=True)
         candidates.append(path)
-    return best_by_validation(candidates)
+    return best_by_validation(candidates, preset.alternative_epochs)
 
 
 def run_all(preset: Preset, args: argparse.Namespace) -> None:
@@ -109,10 +119,8 @@ def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | Non
     runs = Path(args.runs) / preset.name
     if data is None:
         data = load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
-    teachers = [
-        runs / teacher_name(c) for c in (preset.teacher, *preset.teacher_alternatives) if _done(runs / teacher_name(c))
-    ]
-    teacher = best_by_validation(teachers)
+    teachers = [runs / teacher_name(c) for c, _ in teacher_candidates(preset) if _done(runs / teacher_name(c))]
+    teacher = best_by_validation(teachers, preset.alternative_epochs)
     done = [
         r
         for r in student_runs(
@@ -123,4 +131,6 @@ def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | Non
     mobilenets = [runs / r.name for r in done if r.row.startswith("mobilenetv3")]
     student = best_by_validation(mobilenets)
     ship(teacher, student, Path(args.ship_dir))
-    reports.build(data, runs, teachers, teacher, student, done, Path(args.reports), Path(args.ship_dir))
+    reports.build(
+        data, runs, teachers, preset.alternative_epochs, teacher, student, done, Path(args.reports), Path(args.ship_dir)
+    )

@@ -29,6 +29,7 @@ from kdcore.metrics import (
     plot_training_curves,
 )
 from kdcore.models import count_parameters
+from kdcore.pipeline import validation_score
 from kdcore.protocol import BusiData
 
 PAPER_TABLE1 = {  # class -> (teacher P, R, F1, student P, R, F1), from the paper
@@ -184,6 +185,7 @@ def build(
     data: BusiData,
     runs: Path,
     teachers: list[Path],
+    budget: int,
     teacher: Path,
     student: Path,
     student_runs: list,
@@ -219,7 +221,15 @@ def build(
     }
     summary["ablation_mean_std"] = ablation
     summary["per_seed"] = {name: {k: e[k] for k in HEADLINE} for name, e in evaluations.items()}
-    summary["teacher_selection"] = {p.name: read_checkpoint_config(p)["validation"] for p in teachers}
+    summary["teacher_selection"] = {
+        p.name: {
+            **read_checkpoint_config(p)["validation"],
+            "budget_epochs": budget,
+            "val_balanced_accuracy_within_budget": validation_score(p, budget)[0],
+            "val_loss_within_budget": -validation_score(p, budget)[1],
+        }
+        for p in teachers
+    }
     summary["calibration"] = {
         role: {
             "temperature": predictors[role].temperature,
@@ -273,9 +283,12 @@ def write_markdown(summary: dict[str, Any], out: Path) -> None:
     )
     sel = summary["teacher_selection"]
     (out / "teacher_selection.md").write_text(
-        "| teacher variant | best epoch val balanced acc | val accuracy | val loss |\n|---|---|---|---|\n"
+        "| teacher variant | best epoch | best val balanced acc (val loss) | same within first N epochs |\n"
+        "|---|---|---|---|\n"
         + "".join(
-            f"| {k} | {v['val_balanced_accuracy']:.3f} | {v['val_accuracy']:.3f} | {v['val_loss']:.3f} |\n"
+            f"| {k} | {v['epoch']} | {v['val_balanced_accuracy']:.3f} ({v['val_loss']:.3f}) | "
+            f"N={v['budget_epochs']}: {v['val_balanced_accuracy_within_budget']:.3f} "
+            f"({v['val_loss_within_budget']:.3f}) |\n"
             for k, v in sel.items()
         )
     )
@@ -332,7 +345,8 @@ preset of `train.py` reproduces the paper's recipe for users with internet.
 ## Data and split
 BUSI (Al-Dhabyani et al., 2020), 780 images, single centre (Baheya Hospital, Cairo).
 Near-duplicates grouped by pHash (Hamming ≤ 12); groups with contradictory labels excluded;
-group-aware, class-stratified split train/val/test = {summary["split"]["train"]}/{summary["split"]["val"]}/{summary["split"]["test"]}
+group-aware, class-stratified split train/val/test =
+{summary["split"]["train"]}/{summary["split"]["val"]}/{summary["split"]["test"]}
 (`splits/busi_split.csv`, sha256 `{summary["split_sha256"][:16]}…`). Checkpoints and
 temperatures were chosen on validation only; the test split was used once, for this report.
 
