@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from kdcore import metrics
 from kdcore.config import CLASS_NAMES, DEFAULT_SPLIT_FILE, REPO_ROOT
 from kdcore.data import read_split_file
 from kdcore.inference import load_predictor
@@ -43,13 +42,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture()
-def fast_bootstrap(monkeypatch):
-    """200 bootstrap rounds instead of 1000 (sklearn calls per round are slow on a busy CPU)."""
-    original = metrics.bootstrap_intervals
-    monkeypatch.setattr(metrics, "bootstrap_intervals", lambda y, p, rounds=200, seed=0: original(y, p, rounds, seed))
 
 
 def run_train(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -150,7 +142,7 @@ def test_defaults_point_at_the_shared_busi_folder_and_committed_split():
 # ----------------------------------------------------------------------------- evaluate
 
 
-def test_evaluate_any_class_folder_writes_json_markdown_and_png(tmp_path, tiny_checkpoints, fast_bootstrap, capsys):
+def test_evaluate_any_class_folder_writes_json_markdown_and_png(tmp_path, tiny_checkpoints, capsys):
     data = tmp_path / "my_scans"
     for label, c in (("benign", 0), ("malignant", 1)):  # a subset of the classes
         (data / label).mkdir(parents=True)
@@ -180,7 +172,7 @@ def test_evaluate_any_class_folder_writes_json_markdown_and_png(tmp_path, tiny_c
     assert json.loads(stdout)["n"] == 6
 
 
-def test_evaluate_on_busi_scores_exactly_the_test_rows(busi_dir, tiny_checkpoints, tmp_path, fast_bootstrap, capsys):
+def test_evaluate_on_busi_scores_exactly_the_test_rows(busi_dir, tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "busi.json"
     code, stdout, _ = run_main(
         capsys, "evaluate", "--checkpoint", tiny_checkpoints["student"], "--data", busi_dir, "--out", out
