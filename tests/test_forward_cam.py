@@ -18,7 +18,7 @@ from kdcore.models import cam_target_layer
 from kdcore.transforms import Preprocess
 
 
-def busi_test_images(busi_dir, per_class: int = 2) -> list[np.ndarray]:
+def busi_test_images(busi_dir, per_class: int = 1) -> list[np.ndarray]:
     records = [r for r in read_split_file(DEFAULT_SPLIT_FILE) if r.split == "test"]
     chosen = [
         r for label in ("benign", "malignant", "normal") for r in [x for x in records if x.label == label][:per_class]

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 
+from kdcore import live
 from kdcore.config import model_config_from_dict
 from kdcore.export import export_onnx, onnx_paths
 from kdcore.live import load_cam_predictor, render_live_frame
@@ -59,3 +60,8 @@ def test_live_frame_becomes_a_jpeg_of_the_frame_size(tiny_checkpoints, speckle_i
     decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert decoded.shape == (480, 640, 3)
     assert prediction.label in ("benign", "malignant", "normal")
+
+
+def test_without_onnxruntime_the_student_gets_the_pytorch_forward_cam(tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr(live, "_has_onnxruntime", lambda: False)
+    assert load_cam_predictor(tiny_checkpoints["student"]).backend == "pytorch"
