@@ -32,7 +32,7 @@ def teacher_name(cfg: ModelConfig) -> str:
 
 
 def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, include_extra: bool) -> list[StudentRun]:
-    """KD and scratch runs for every seed; then the extra (EfficientNet-Lite0) rows."""
+    """KD and scratch runs of the student and the extra (EfficientNet-Lite0) student, per seed."""
     rows = [("mobilenetv3", preset.student, preset.student_train)]
     if include_extra and preset.extra_student is not None:
         rows.append(("efficientnet_lite0", preset.extra_student, preset.extra_student_train or preset.student_train))
@@ -40,9 +40,9 @@ def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, inc
         StudentRun(
             f"{prefix}_{'kd' if kd else 'scratch'}", model, with_overrides(train, seed=seed, epochs=epochs), kd, seed
         )
+        for seed in seeds  # seed-major order: an interrupted run still has every row
         for prefix, model, train in rows
         for kd in (True, False)
-        for seed in seeds
     ]
 
 
