@@ -33,13 +33,16 @@ def grad_cam(predictor: Predictor, grey: np.ndarray, class_index: int | None = N
     """Prediction and an (S, S) Grad-CAM map in [0, 1] for the predicted (or given) class.
 
     The prediction's latency is the plain forward pass, measured separately from the CAM.
+    The plain forward pass also runs under the lock: while GradCAM's hooks are registered,
+    any other forward pass through the model would overwrite the captured activations.
     """
-    prediction = predictor.predict(grey)
-    if class_index is None:
-        class_index = predictor.class_names.index(prediction.label)
     batch = predictor.preprocess(grey).unsqueeze(0)
-    with _lock_for(predictor), torch.enable_grad():
-        with GradCAM(model=predictor.model, target_layers=[cam_target_layer(predictor.model)]) as cam:
+    with _lock_for(predictor):
+        prediction = predictor.predict(grey)
+        if class_index is None:
+            class_index = predictor.class_names.index(prediction.label)
+        target_layers = [cam_target_layer(predictor.model)]
+        with torch.enable_grad(), GradCAM(model=predictor.model, target_layers=target_layers) as cam:
             heatmap = cam(input_tensor=batch, targets=[ClassifierOutputTarget(class_index)])[0]
     return prediction, heatmap.astype(np.float32)
 
