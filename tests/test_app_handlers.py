@@ -82,6 +82,22 @@ def test_analyse_image_json_shape_and_overlays(models, speckle_image):
     assert np.abs(blended.astype(int) - plain).mean() > 10
 
 
+def test_concurrent_analyses_match_serial_and_release_hooks(models, speckle_image):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [np.roll(speckle_image, shift, axis=1) for shift in (0, 40, 80, 120)]
+    serial = [analyse_image(models, image) for image in images]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(lambda image: analyse_image(models, image), images))
+    for one, other in zip(serial, parallel):
+        for role in ("teacher", "student"):
+            assert one.predictions[role].label == other.predictions[role].label
+            np.testing.assert_allclose(one.heatmaps[role], other.heatmaps[role], atol=1e-5)
+    for predictor in models.predictors.values():
+        hooked = [m for m in predictor.model.modules() if m._forward_hooks or m._backward_hooks]
+        assert not hooked, "Grad-CAM hooks were left on the model"
+
+
 def _prediction(label: str):
     from kdcore.inference import Prediction
 
