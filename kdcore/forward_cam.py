@@ -91,8 +91,8 @@ class ForwardGradCam(nn.Module):
         self.head_layers = gap_head_layers(model)
         self.model = model.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(x)
+    def logits_and_channel_weights(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and Grad-CAM weights (B, K): d logit_c / d features[k, i, j], equal at every (i, j)."""
         hidden = self.model.global_pool(features)
         layer_inputs = []
         for layer in self.head_layers:
@@ -102,7 +102,11 @@ class ForwardGradCam(nn.Module):
         grad = F.one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
         for layer, layer_input in zip(reversed(self.head_layers), reversed(layer_inputs)):
             grad = _input_gradient(layer, layer_input, grad)
-        weights = grad / (features.shape[2] * features.shape[3])
+        return logits, grad / (features.shape[2] * features.shape[3])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        logits, weights = self.logits_and_channel_weights(features)
         cam = F.relu(torch.einsum("bk,bkhw->bhw", weights, features))
         upsampled = F.interpolate(
             min_max_normalise(cam).unsqueeze(1), size=x.shape[2:], mode="bilinear", align_corners=False

@@ -48,6 +48,18 @@ def test_forward_cam_equals_pytorch_grad_cam_on_busi(busi_dir, model_name):
             torch.testing.assert_close(logits, model(batch))
 
 
+@pytest.mark.parametrize("model_name", ["mobilenetv3_small_100", "tf_efficientnet_lite0"])
+def test_channel_weights_equal_autograd_gradients(model_name):
+    torch.manual_seed(1)
+    model = timm.create_model(model_name, num_classes=3).eval()
+    features = model.forward_features(torch.randn(2, 3, 224, 224)).detach().requires_grad_(True)
+    logits, weights = ForwardGradCam(model).logits_and_channel_weights(features.detach())
+    chosen = model.forward_head(features).gather(1, logits.argmax(1, keepdim=True))
+    (gradient,) = torch.autograd.grad(chosen.sum(), features)
+    torch.testing.assert_close(weights, gradient[:, :, 3, 3], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(gradient, gradient[:, :, :1, :1].expand_as(gradient))
+
+
 def test_hybrid_teacher_has_no_forward_cam(tiny_checkpoints):
     teacher, _ = load_checkpoint(tiny_checkpoints["teacher"])
     with pytest.raises(UnsupportedHeadError):
