@@ -20,6 +20,7 @@ import numpy as np
 from fastrtc import AdditionalOutputs, VideoStreamHandler, WebRTC
 
 from kdcore.about import about_markdown
+from kdcore.config import REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES, ImageReadError, read_grey_image
 from kdcore.live_session import LiveSession, RegionOfInterest
 from kdcore.service import (
@@ -32,6 +33,7 @@ from kdcore.service import (
     prediction_markdown,
 )
 from kdcore.video import (
+    MAX_VIDEO_BYTES,
     VIDEO_SUFFIXES,
     FrameResult,
     VideoReadError,
@@ -44,8 +46,8 @@ from kdcore.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise
 
 logger = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-MAX_UPLOAD = "200mb"
+ASSETS_DIR = REPO_ROOT / "assets"
+MAX_UPLOAD = f"{MAX_VIDEO_BYTES // 2**20}mb"  # the largest thing anyone uploads is a clip
 BROWSER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 DISCLAIMER = (
     "**Research demo, not a diagnostic device.** Predictions and heat-maps must not be used for clinical decisions."
@@ -222,10 +224,10 @@ def live_frame(
 
 
 def _live_tab(models: LoadedModels) -> None:
-    session = gr.State(LiveSession())
     if models.student_cam is None:
         gr.Markdown("The live view needs the student checkpoint, which is not loaded.")
         return
+    session = gr.State(LiveSession())
     with gr.Row():
         with gr.Column(scale=2):
             stream = WebRTC(

@@ -18,7 +18,7 @@ from kdcore.live import CamPredictor
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".gif", ".webm", ".mkv")
 MAX_CLIP_SECONDS = 60.0
-MAX_FILE_BYTES = 200 * 1024 * 1024
+MAX_VIDEO_BYTES = 200 * 1024 * 1024
 FALLBACK_FPS = 10.0  # when the container does not state a sensible frame rate (often GIFs)
 
 
@@ -63,13 +63,16 @@ def probe_clip(path: str | Path) -> ClipInfo:
         raise VideoReadError(f"{path.name}: not a supported video (use {', '.join(VIDEO_SUFFIXES)}).")
     if not path.is_file() or path.stat().st_size == 0:
         raise VideoReadError(f"{path.name}: file is empty.")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise VideoReadError(f"{path.name}: file is larger than {MAX_FILE_BYTES // 2**20} MB.")
+    if path.stat().st_size > MAX_VIDEO_BYTES:
+        raise VideoReadError(f"{path.name}: file is larger than {MAX_VIDEO_BYTES // 2**20} MB.")
     capture = cv2.VideoCapture(str(path))
     try:
         ok, _ = capture.read() if capture.isOpened() else (False, None)
         if not ok:
-            raise VideoReadError(f"{path.name}: not a readable video (no frame could be decoded).")
+            raise VideoReadError(
+                f"{path.name}: not a readable video (no frame could be decoded: "
+                "the file is damaged, empty or uses a codec that is not supported)."
+            )
         fps = capture.get(cv2.CAP_PROP_FPS)
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     finally:

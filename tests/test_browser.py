@@ -27,7 +27,7 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 MEASURE_SECONDS = 10.0
 # The target is 30 FPS; the assertion floor is lower so a busy CI machine reports
 # rather than fails. Set KD_MIN_BROWSER_FPS=30 to enforce the target.
-MIN_FPS = float(os.environ.get("KD_MIN_BROWSER_FPS", "5"))
+MIN_FPS = float(os.environ.get("KD_MIN_BROWSER_FPS", "2"))
 
 pytestmark = [
     pytest.mark.browser,
