@@ -55,6 +55,12 @@ DISCLAIMER = (
 DEFAULT_OPACITY = 0.4
 ROI_SIDES = ("left", "top", "right", "bottom")
 USER_ERRORS = (ImageReadError, VideoReadError)
+# Uploads and overlays may be patient images: every 10 minutes delete those older than
+# 10 minutes, and all of them when the server stops.
+CACHE_CLEANUP_SECONDS = (600, 600)
+# One run at a time per event (2 CPU cores; Grad-CAM is serialised per model anyway), and a
+# bounded queue: a request beyond it is refused at once ("queue full") instead of waiting minutes.
+MAX_QUEUED_REQUESTS = 64
 
 
 @dataclass(frozen=True)
@@ -314,7 +320,9 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
     for problem in models.problems:
         logger.warning(problem)
     raise_server_video_bitrate()
-    with gr.Blocks(title="Breast ultrasound KD demo", analytics_enabled=False) as demo:
+    with gr.Blocks(
+        title="Breast ultrasound KD demo", analytics_enabled=False, delete_cache=CACHE_CLEANUP_SECONDS
+    ) as demo:
         gr.Markdown("# Breast ultrasound: ViT+CNN teacher vs MobileNetV3 student\n" + DISCLAIMER)
         if models.problems:
             gr.Markdown(models.status_markdown, elem_id="model-status")
@@ -326,4 +334,4 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
             _video_tab(models, settings)
         with gr.Tab("About"):
             gr.Markdown(about_markdown(models))
-    return demo
+    return demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED_REQUESTS)
