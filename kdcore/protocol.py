@@ -31,6 +31,7 @@ from kdcore.engine import (
     build_view_bank,
     fit,
     predict_logits,
+    seed_everything,
 )
 from kdcore.inference import Predictor
 from kdcore.metrics import (
@@ -141,6 +142,7 @@ def train_teacher(
     resume: bool = False,
 ) -> Path:
     """Train the hybrid teacher with fresh augmentation every epoch."""
+    seed_everything(train_cfg.seed)  # the initial weights follow the seed, not earlier RNG use
     model = build_model(model_cfg, preprocess_cfg.input_size)
     augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
     train_set = OnlineAugmented(data.images["train"], data.labels["train"], augment)
@@ -193,6 +195,7 @@ def train_student(
     bank_seed = 12345  # the same views for every student, KD or not: a fair ablation
     views = build_view_bank(data.images["train"], augment, train_cfg.views_per_image, bank_seed)
     logits = teacher_view_logits(teacher_path, views, out_path.parent / "work") if teacher_path is not None else None
+    seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
     train_set = FixedViewBank(views, data.labels["train"], logits)
     result = fit(

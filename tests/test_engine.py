@@ -229,3 +229,52 @@ def test_training_and_model_selection_never_touch_the_test_split(data, tmp_path)
     )
     # The teacher's logits on the fixed views were cached for the next student.
     assert list((tmp_path / "work").glob("teacher_logits_*.pt"))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _initial_weights(monkeypatch, train, **kwargs) -> torch.Tensor:
+    """conv_stem weights of the model that ``train`` hands to ``fit`` (training itself is skipped)."""
+    from kdcore import protocol
+
+    seen = []
+
+    def capture(model, *args, **kw):
+        stem = model.cnn.conv_stem if hasattr(model, "cnn") else model.conv_stem
+        seen.append(stem.weight.detach().clone())
+        raise _Stop
+
+    monkeypatch.setattr(protocol, "fit", capture)
+    with pytest.raises(_Stop):
+        train(**kwargs)
+    return seen[0]
+
+
+def test_initial_weights_follow_the_seed(data, tmp_path, monkeypatch):
+    """Student seeds must differ in their initial weights (the view bank re-seeds the RNG), and a
+    seed must give the same init whatever used the RNG before (resumed `all` runs)."""
+    train_images, train_labels, val_images, val_labels, _, _ = data
+    busi = BusiData(
+        tmp_path, "0" * 64, {}, {"train": train_images, "val": val_images}, {"train": train_labels, "val": val_labels}
+    )
+
+    def student(seed: int) -> torch.Tensor:
+        cfg = replace(CFG, seed=seed, views_per_image=2)
+        kwargs = dict(model_cfg=STUDENT, preprocess_cfg=PreprocessConfig(input_size=SIZE), train_cfg=cfg)
+        return _initial_weights(
+            monkeypatch, train_student, **kwargs, data=busi, out_path=tmp_path / "s", teacher_path=None
+        )
+
+    def teacher(seed: int) -> torch.Tensor:
+        kwargs = dict(
+            model_cfg=TEACHER, preprocess_cfg=PreprocessConfig(input_size=SIZE), train_cfg=replace(CFG, seed=seed)
+        )
+        return _initial_weights(monkeypatch, train_teacher, **kwargs, data=busi, out_path=tmp_path / "t")
+
+    for train in (student, teacher):
+        first = train(0)
+        torch.rand(1000)  # unrelated RNG use in between
+        assert torch.equal(train(0), first)
+        assert not torch.equal(train(1), first)
