@@ -262,7 +262,53 @@ def build(
     return summary
 
 
+def results_section(summary: dict[str, Any]) -> str:
+    """The README's results block: headline table, ablation, localisation, calibration."""
+    headline = [
+        "| model (test split, n={}) | accuracy | balanced acc | macro-F1 | malignant recall | AUC mal-vs-ben |".format(
+            summary["teacher"]["n"]
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for role in ("teacher", "student", "scratch"):
+        if role in summary:
+            headline.append(
+                f"| {role} (`{summary[role]['run']}`) | "
+                + " | ".join(_with_ci(summary[role], k) for k in HEADLINE)
+                + " |"
+            )
+    headline.append(
+        f"| paper (leaky protocol): teacher / student / scratch | {PAPER_ACCURACY['teacher']:.3f} / "
+        f"{PAPER_ACCURACY['student']:.3f} / {PAPER_ACCURACY['scratch']:.3f} | | | | |"
+    )
+    loc, cal = summary["localisation"], summary["calibration"]
+    return "\n".join(
+        [
+            "\n".join(headline),
+            "",
+            "Seeds (mean ± std over student seeds; the teacher is one run):",
+            "",
+            ablation_table(summary["ablation_mean_std"], summary["teacher"]),
+            "Grad-CAM pointing game on lesion test images (peak inside the lesion mask): "
+            + ", ".join(f"{k} {v['pointing_game']:.3f} (n={v['n']})" for k, v in loc.items())
+            + f"; chance {loc['student']['chance_rate']:.3f}.",
+            "",
+            "Calibration (temperature fitted on validation): "
+            + ", ".join(
+                f"{k} T={v['temperature']:.2f}, test ECE {v['test_ece_before']:.3f} → {v['test_ece_after']:.3f}"
+                for k, v in cal.items()
+            )
+            + ".",
+            "",
+            "Per-class Table 1, efficiency Table 2, confusion matrices, ROC, reliability and training curves: "
+            "[`reports/`](reports/).",
+            "",
+        ]
+    )
+
+
 def write_markdown(summary: dict[str, Any], out: Path) -> None:
+    (out / "results.md").write_text(results_section(summary))
     (out / "table1_per_class.md").write_text(table1(summary["teacher"], summary["student"]))
     (out / "table2_efficiency.md").write_text(table2(summary["efficiency"]["rows"]))
     (out / "kd_ablation.md").write_text(ablation_table(summary["ablation_mean_std"], summary["teacher"]))
