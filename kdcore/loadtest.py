@@ -1,0 +1,187 @@
+"""Sustained load on a running app over loopback: concurrent gradio_client clients calling
+``/predict`` while one client streams ``/analyse_video`` sessions. Reports latency
+percentiles, errors, resident-memory growth and the Grad-CAM hook count before and after.
+
+The app runs in this process (``scripts/load_test.py`` launches it), so the hook count sees
+its models; the resident memory is that of the process serving the app *and* hosting the
+client threads, an upper bound on the server's own growth.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+MAX_RSS_GROWTH_MB = 50.0
+
+
+@dataclass
+class CallLog:
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, started: float, error: Exception | None = None) -> None:
+        with self.lock:
+            if error is None:
+                self.latencies_ms.append((time.perf_counter() - started) * 1000)
+            else:
+                self.errors.append(f"{type(error).__name__}: {error}"[:300])
+
+
+@dataclass
+class LoadReport:
+    clients: int
+    calls_per_client: int
+    predict_calls: int
+    predict_errors: int
+    latency_ms: dict[str, float]
+    throughput_per_s: float
+    wall_s: float
+    rss_mb: dict[str, float]
+    grad_cam_hooks: dict[str, int]
+    stream: dict[str, int]
+    first_errors: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.predict_errors == 0
+            and self.stream["errors"] == 0
+            and self.rss_mb["growth"] < MAX_RSS_GROWTH_MB
+            and self.grad_cam_hooks["before"] == self.grad_cam_hooks["after"]
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed, "max_rss_growth_mb": MAX_RSS_GROWTH_MB}
+
+
+def resident_mb() -> float:
+    """This process's resident memory, after returning freed heap pages to the system."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed pages otherwise; we want leaks, not slack
+    except (OSError, AttributeError):
+        pass
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def module_hook_count() -> int:
+    """Forward/backward (pre-)hooks on every torch module alive in this process (the app's models included)."""
+    modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+        for m in modules
+    )
+
+
+def _predict_client(url: str, image: Path, calls: int, log: CallLog) -> None:
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, download_files=False)
+    for _ in range(calls):
+        started = time.perf_counter()
+        try:
+            payload, *_ = client.predict(handle_file(image), api_name="/predict")
+            if not isinstance(payload, dict) or not payload:
+                raise ValueError(f"unexpected /predict payload {payload!r}")
+            log.record(started)
+        except Exception as exc:  # every failure counts; the report lists them
+            log.record(started, exc)
+
+
+def _stream_sessions(url: str, clip: Path, stop: threading.Event) -> dict[str, int]:
+    """Stream ``/analyse_video`` sessions back to back until ``stop``; count updates and errors."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, download_files=False)
+    counts = {"sessions": 0, "updates": 0, "errors": 0}
+    while not stop.is_set() or counts["sessions"] == 0:
+        try:
+            job = client.submit(handle_file(clip), 0.4, api_name="/analyse_video")
+            counts["updates"] += sum(1 for _ in job)
+            if "Clip summary" not in str(job.result()[-1]):
+                raise ValueError("stream ended without a clip summary")
+        except Exception:  # counted, the session is retried
+            counts["errors"] += 1
+        counts["sessions"] += 1
+    return counts
+
+
+def _percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    if not latencies_ms:
+        return {"p50": float("nan"), "p95": float("nan"), "max": float("nan"), "mean": float("nan")}
+    values = np.asarray(latencies_ms)
+    return {
+        "p50": round(float(np.percentile(values, 50)), 1),
+        "p95": round(float(np.percentile(values, 95)), 1),
+        "max": round(float(values.max()), 1),
+        "mean": round(float(values.mean()), 1),
+    }
+
+
+def run_load_test(
+    url: str, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int = 1
+) -> LoadReport:
+    """``clients`` threads x ``calls`` ``/predict`` calls, plus streaming sessions of ``clip`` meanwhile."""
+    warmup = CallLog()
+    _predict_client(url, image, warmup_calls, warmup)  # first-call allocations are not a leak
+    rss_before, hooks_before = resident_mb(), module_hook_count()
+    log, stop = CallLog(), threading.Event()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients + 1) as pool:
+        stream = pool.submit(_stream_sessions, url, clip, stop) if clip else None
+        predictors = [pool.submit(_predict_client, url, image, calls, log) for _ in range(clients)]
+        for future in predictors:
+            future.result()
+        stop.set()
+        stream_counts = stream.result() if stream else {"sessions": 0, "updates": 0, "errors": 0}
+    wall = time.perf_counter() - started
+    rss_after, hooks_after = resident_mb(), module_hook_count()
+    return LoadReport(
+        clients=clients,
+        calls_per_client=calls,
+        predict_calls=len(log.latencies_ms) + len(log.errors),
+        predict_errors=len(log.errors) + len(warmup.errors),
+        latency_ms=_percentiles(log.latencies_ms),
+        throughput_per_s=round(len(log.latencies_ms) / wall, 2),
+        wall_s=round(wall, 1),
+        rss_mb={
+            "before": round(rss_before, 1),
+            "after": round(rss_after, 1),
+            "growth": round(rss_after - rss_before, 1),
+        },
+        grad_cam_hooks={"before": hooks_before, "after": hooks_after},
+        stream=stream_counts,
+        first_errors=(warmup.errors + log.errors)[:5],
+    )
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def queue_settings(demo: Any) -> dict[str, Any]:
+    """The launched app's queue: bounded size and runs per event at a time."""
+    return {"max_size": demo._queue.max_size, "default_concurrency_limit": demo._queue.default_concurrency_limit}
+
+
+def machine_note() -> dict[str, Any]:
+    """What else the machine was doing: results on a busy machine are provisional."""
+    return {"cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)}

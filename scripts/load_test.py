@@ -1,0 +1,55 @@
+"""Bounded load test of the app on loopback (issue 7).
+
+python scripts/load_test.py --clients 8 --calls 200 --out reports/load_test.json
+
+Launches the app in this process on 127.0.0.1 (a free port), runs CLIENTS gradio_client
+clients x CALLS /predict calls plus /analyse_video streaming sessions meanwhile, then writes
+p50/p95 latency, errors, resident-memory growth and the Grad-CAM hook count to OUT.
+Exit status 1 when any call failed, memory grew by 50 MB or more, or hooks were left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kdcore.loadtest import free_local_port, machine_note, queue_settings, run_load_test  # noqa: E402
+from kdcore.service import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from kdcore.ui import AppSettings, build_demo, launch_options  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=8, help="concurrent /predict clients (default: %(default)s)")
+    parser.add_argument("--calls", type=int, default=200, help="/predict calls per client (default: %(default)s)")
+    parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINT_DIR)
+    parser.add_argument("--image", type=Path, default=ROOT / "assets" / "phantom_round_lesion.png")
+    parser.add_argument("--clip", type=Path, default=ROOT / "assets" / "phantom_sweep.mp4")
+    parser.add_argument("--no-stream", action="store_true", help="skip the /analyse_video streaming sessions")
+    parser.add_argument("--out", type=Path, help="JSON report to write")
+    args = parser.parse_args(argv)
+
+    settings = AppSettings(checkpoints=args.checkpoints, port=free_local_port())
+    demo = build_demo(settings)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    try:
+        clip = None if args.no_stream else args.clip
+        report = run_load_test(demo.local_url, args.image, clip, args.clients, args.calls)
+        result = {**report.as_dict(), "queue": queue_settings(demo), "machine": machine_note()}
+    finally:
+        demo.close()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
