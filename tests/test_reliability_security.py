@@ -1,0 +1,182 @@
+"""Safe loading (no pickle code runs, sha256 verified) and safe defaults of the served app
+(loopback only, no share link, bounded uploads, uploads deleted, no details in errors)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import socket
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+from app_helpers import launch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from hostile_inputs import VALID_IMAGE, speckle
+from PIL import Image
+from test_checkpoint import _Payload
+from test_cli import make_fake_busi, one_torch_thread, run_main  # noqa: F401 (autouse: one torch thread)
+
+import kdcore.ui
+from kdcore.checkpoint import CheckpointError
+from kdcore.data import sha256_file
+from kdcore.inference import load_predictor
+from kdcore.protocol import teacher_view_logits
+from kdcore.service import load_models
+from kdcore.ui import CACHE_CLEANUP_SECONDS, MAX_UPLOAD
+
+
+def copy_checkpoint(source: Path, folder: Path, role: str) -> Path:
+    """``role.safetensors`` + ``role.json`` in ``folder``, copied from ``source``; returns the weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(source.with_suffix(suffix), folder / f"{role}{suffix}")
+    return folder / f"{role}.safetensors"
+
+
+def disguise_pickle_as_weights(weights: Path, marker: Path) -> None:
+    """Replace the weights by a pickle whose loading would create ``marker``, and re-sign the
+    JSON so that the sha256 check passes: only the loader itself can refuse it."""
+    torch.save({"conv_stem.weight": torch.zeros(1), "payload": _Payload(str(marker))}, weights)
+    config_path = weights.with_suffix(".json")
+    config = json.loads(config_path.read_text())
+    config["weights_sha256"] = sha256_file(weights)
+    config_path.write_text(json.dumps(config))
+
+
+def tamper(weights: Path) -> None:
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+def test_pickle_checkpoint_is_refused_by_the_app_and_the_cli(tmp_path, tiny_checkpoints, capsys):
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "checkpoints"
+    weights = copy_checkpoint(tiny_checkpoints["student"], folder, "student")
+    disguise_pickle_as_weights(weights, marker)
+
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        load_predictor(weights)
+    models = load_models(folder)
+    assert "student" not in models.predictors and models.student_cam is None
+    assert any(p.startswith("student: checkpoint is broken") for p in models.problems)
+    assert str(tmp_path) not in models.status_markdown
+    (tmp_path / "scans" / "benign").mkdir(parents=True)
+    shutil.copy(VALID_IMAGE, tmp_path / "scans" / "benign" / "x.png")
+    code, _, err = run_main(
+        capsys, "evaluate", "--checkpoint", weights, "--data", tmp_path / "scans", "--out", tmp_path / "o.json"
+    )
+    assert code == 2 and "cannot be loaded" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["teacher", "scratch"])
+def test_pickle_init_weights_are_refused_by_training(tmp_path, command, capsys):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "backbone.pth"
+    torch.save({"conv_stem.weight": torch.zeros(1), "payload": _Payload(str(marker))}, evil)
+    data = tmp_path / "busi"
+    split_file = make_fake_busi(data)
+    code, _, err = run_main(
+        capsys, command, "--data", data, "--split-file", split_file, "--init-weights", evil, "--out", tmp_path / "m"
+    )
+    assert code == 2 and "backbone.pth: not a plain tensor file, refused" in err
+    assert not marker.exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_poisoned_teacher_logit_cache_is_refused(tmp_path, tiny_checkpoints):
+    marker = tmp_path / "code_ran"
+    side = json.loads(tiny_checkpoints["teacher"].with_suffix(".json").read_text())["preprocess"]["input_size"]
+    views = torch.zeros(1, 1, 1, side, side, dtype=torch.uint8)
+    teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)  # writes the genuine cache file
+    (cache_file,) = tmp_path.glob("teacher_logits_*.pt")
+    cache_file.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(pickle.UnpicklingError):
+        teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- served app
+
+
+@pytest.fixture(scope="module")
+def tampered_app(tiny_checkpoints, tmp_path_factory):
+    """Good teacher, tampered student: the app must say so and keep serving the teacher."""
+    folder = tmp_path_factory.mktemp("tampered")
+    copy_checkpoint(tiny_checkpoints["teacher"], folder, "teacher")
+    tamper(copy_checkpoint(tiny_checkpoints["student"], folder, "student"))
+    demo = launch(folder)
+    yield demo, folder
+    demo.close()
+
+
+def test_tampered_checkpoint_is_named_and_the_rest_keeps_serving(tampered_app):
+    demo, folder = tampered_app
+    texts = [c.get("props", {}).get("value") for c in demo.get_config_file()["components"]]
+    status = next(t for t in texts if isinstance(t, str) and "not available" in t)
+    assert "student" in status and "sha256 does not match" in status and str(folder) not in status
+    payload, teacher_overlay, student_overlay = Client(demo.local_url, verbose=False).predict(
+        handle_file(VALID_IMAGE), api_name="/predict"
+    )
+    assert set(payload) == {"teacher"} and teacher_overlay and student_overlay is None
+
+
+def test_app_listens_on_loopback_only_without_share_link(tampered_app):
+    demo, _ = tampered_app
+    assert demo.server_name == "127.0.0.1" and demo.share is False and demo.share_url is None
+    assert demo.max_file_size == gr.FileSize.MB * int(MAX_UPLOAD.removesuffix("mb"))
+    assert demo.show_error is False and demo.delete_cache == CACHE_CLEANUP_SECONDS
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback interface to probe")
+    with pytest.raises(OSError), socket.create_connection((address, demo.server_port), timeout=2):
+        pass
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's own address on its default interface (a UDP 'connect' sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1, never routed
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_unexpected_errors_reach_the_client_without_details(tampered_app, monkeypatch):
+    demo, _ = tampered_app
+
+    def crash(*_):
+        raise RuntimeError('Traceback: File "/srv/secret/kdcore/service.py", line 1')
+
+    monkeypatch.setattr(kdcore.ui, "analyse_image", crash)
+    client = Client(demo.local_url, verbose=False)
+    with pytest.raises(AppError) as error:
+        client.predict(handle_file(VALID_IMAGE), api_name="/predict")
+    assert "/srv/secret" not in str(error.value) and "Traceback" not in str(error.value)
+    monkeypatch.undo()
+    payload, *_ = client.predict(handle_file(VALID_IMAGE), api_name="/predict")
+    assert set(payload) == {"teacher"}
+
+
+def test_uploads_and_overlays_are_deleted_when_the_app_stops(tiny_checkpoints, tmp_path):
+    copy_checkpoint(tiny_checkpoints["teacher"], tmp_path, "teacher")  # teacher only: quick to start
+    scan = tmp_path / "scan.png"  # not an example image: Gradio keeps those (same content, same cache file)
+    Image.fromarray(speckle()).save(scan)
+    demo = launch(tmp_path)
+    try:
+        Client(demo.local_url, verbose=False).predict(handle_file(scan), api_name="/predict")
+        examples = {f for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", ())}
+        cached = [Path(f) for files in demo.temp_file_sets for f in files if f not in examples]
+        assert any(p.name == "scan.png" and p.is_file() for p in cached)
+    finally:
+        demo.close()
+    assert [p for p in cached if p.exists()] == []
