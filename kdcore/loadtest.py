@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,7 +83,9 @@ def resident_mb() -> float:
 
 def module_hook_count() -> int:
     """Forward/backward (pre-)hooks on every torch module alive in this process (the app's models included)."""
-    modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases warns
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
         for m in modules
@@ -134,24 +137,28 @@ def _percentiles(latencies_ms: list[float]) -> dict[str, float]:
     }
 
 
-def run_load_test(
-    url: str, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int = 1
-) -> LoadReport:
-    """``clients`` threads x ``calls`` ``/predict`` calls, plus streaming sessions of ``clip`` meanwhile."""
-    warmup = CallLog()
-    _predict_client(url, image, warmup_calls, warmup)  # first-call allocations are not a leak
-    rss_before, hooks_before = resident_mb(), module_hook_count()
+def _round(url: str, image: Path, clip: Path | None, clients: int, calls: int) -> tuple[CallLog, dict[str, int], float]:
+    """One round: ``clients`` threads x ``calls`` ``/predict`` calls, streaming sessions meanwhile."""
     log, stop = CallLog(), threading.Event()
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients + 1) as pool:
         stream = pool.submit(_stream_sessions, url, clip, stop) if clip else None
-        predictors = [pool.submit(_predict_client, url, image, calls, log) for _ in range(clients)]
-        for future in predictors:
+        for future in [pool.submit(_predict_client, url, image, calls, log) for _ in range(clients)]:
             future.result()
         stop.set()
         stream_counts = stream.result() if stream else {"sessions": 0, "updates": 0, "errors": 0}
-    wall = time.perf_counter() - started
+    return log, stream_counts, time.perf_counter() - started
+
+
+def run_load_test(
+    url: str, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int = 2
+) -> LoadReport:
+    """A warm-up round (first-use allocations of every path are not a leak), then the measured round."""
+    warmup, warmup_stream, _ = _round(url, image, clip, clients, warmup_calls)
+    rss_before, hooks_before = resident_mb(), module_hook_count()
+    log, stream_counts, wall = _round(url, image, clip, clients, calls)
     rss_after, hooks_after = resident_mb(), module_hook_count()
+    stream_counts["errors"] += warmup_stream["errors"]
     return LoadReport(
         clients=clients,
         calls_per_client=calls,
