@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from kdcore.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig, to_dict
@@ -98,19 +99,34 @@ def _calibrate(model: torch.nn.Module, data: BusiData, preprocess: Preprocess) -
     }
 
 
-def _finish(
-    model,
+def _fit_and_save(
+    model: torch.nn.Module,
+    train_set: Dataset,
     model_cfg: ModelConfig,
     preprocess_cfg: PreprocessConfig,
-    data: BusiData,
     train_cfg: TrainConfig,
-    result,
+    data: BusiData,
     out_path: Path,
+    resume: bool,
     role: str,
     half: bool,
     extra: dict[str, Any],
 ) -> Path:
+    """Train on ``train_set`` (best state on validation), calibrate on validation, save."""
     preprocess = Preprocess(preprocess_cfg)
+    work_dir = out_path.parent / "work" / out_path.name
+    result = fit(
+        model,
+        train_set,
+        data.images["val"],
+        data.labels["val"],
+        data.labels["train"],
+        preprocess,
+        train_cfg,
+        work_dir,
+        resume,
+        desc=out_path.name,
+    )
     model = model.to(memory_format=torch.contiguous_format).eval()
     val_scores = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
     return save_checkpoint(
@@ -146,19 +162,9 @@ def train_teacher(
     model = build_model(model_cfg, preprocess_cfg.input_size)
     augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
     train_set = OnlineAugmented(data.images["train"], data.labels["train"], augment)
-    result = fit(
-        model,
-        train_set,
-        data.images["val"],
-        data.labels["val"],
-        data.labels["train"],
-        Preprocess(preprocess_cfg),
-        train_cfg,
-        out_path.parent / "work" / out_path.name,
-        resume,
-        desc=out_path.name,
+    return _fit_and_save(
+        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, "teacher", half=True, extra={}
     )
-    return _finish(model, model_cfg, preprocess_cfg, data, train_cfg, result, out_path, "teacher", half=True, extra={})
 
 
 def teacher_view_logits(teacher_path: Path, views: torch.Tensor, cache: Path) -> torch.Tensor:
@@ -198,30 +204,10 @@ def train_student(
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
     train_set = FixedViewBank(views, data.labels["train"], logits)
-    result = fit(
-        model,
-        train_set,
-        data.images["val"],
-        data.labels["val"],
-        data.labels["train"],
-        Preprocess(preprocess_cfg),
-        train_cfg,
-        out_path.parent / "work" / out_path.name,
-        resume,
-        desc=out_path.name,
-    )
     extra = {"teacher_weights_sha256": read_checkpoint_config(teacher_path)["weights_sha256"]} if teacher_path else {}
-    return _finish(
-        model,
-        model_cfg,
-        preprocess_cfg,
-        data,
-        train_cfg,
-        result,
-        out_path,
-        "student_kd" if teacher_path else "student_scratch",
-        half=False,
-        extra=extra,
+    role = "student_kd" if teacher_path else "student_scratch"
+    return _fit_and_save(
+        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, role, half=False, extra=extra
     )
 
 
