@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the preset's)")
         p.add_argument("--skip-extra", action="store_true", help="skip the EfficientNet-Lite0 student rows")
 
+    p = sub.add_parser("export", add_help=False, help="ONNX (+INT8) export of a student (train.py export --help)")
+    p.add_argument("export_args", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("split", help="rebuild near-duplicate groups and the split file")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
@@ -102,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             result = protocol.evaluate_checkpoint(args.checkpoint, args.data, args.split_file, args.out)
             print(json.dumps({k: result[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}, indent=2))
             return 0
+        if args.command == "export":
+            from kdcore import export
+
+            return export.main(args.export_args)
         if args.command == "split":
             from kdcore.data import build_split_records, write_split_file
 
