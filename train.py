@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:  # its own parser (and --help) live in kdcore.export
+        from kdcore import export
+
+        return export.main(argv[1:])
     args = build_parser().parse_args(argv)
     from kdcore import protocol
     from kdcore.data import DataIntegrityError
@@ -105,10 +110,6 @@ def main(argv: list[str] | None = None) -> int:
             result = protocol.evaluate_checkpoint(args.checkpoint, args.data, args.split_file, args.out)
             print(json.dumps({k: result[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}, indent=2))
             return 0
-        if args.command == "export":
-            from kdcore import export
-
-            return export.main(args.export_args)
         if args.command == "split":
             from kdcore.data import build_split_records, write_split_file
 
