@@ -7,12 +7,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY_TEACHER
 
 from kdcore.checkpoint import save_checkpoint
-from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, OFFLINE, ModelConfig
+from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, OFFLINE
 
 BUSI = DEFAULT_DATA_DIR
 needs_busi = pytest.mark.skipif(not (BUSI / "manifest.csv").is_file(), reason="BUSI not available")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op torch thread for the whole suite.
+
+    On a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower. Subprocesses
+    (e.g. ``train.py`` in test_cli) get ``OMP_NUM_THREADS=1`` in their environment instead.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -33,18 +47,9 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("checkpoints")
-    teacher_cfg = ModelConfig(
-        kind="teacher",
-        cnn_name="mobilenetv3_small_050",
-        global_branch="feature_transformer",
-        transformer_dim=32,
-        transformer_depth=1,
-        transformer_heads=2,
-        head_hidden=32,
-    )
     paths = {}
     for name, cfg, preprocess in (
-        ("teacher", teacher_cfg, OFFLINE.teacher_preprocess),
+        ("teacher", TINY_TEACHER, OFFLINE.teacher_preprocess),
         ("student", OFFLINE.student, OFFLINE.student_preprocess),
     ):
         model = build_model(cfg).eval()

@@ -9,32 +9,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import TINY_STUDENT, TINY_TEACHER
 
 from kdcore.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
-from kdcore.config import CLASS_NAMES, OFFLINE, ModelConfig, PreprocessConfig
+from kdcore.config import CLASS_NAMES, OFFLINE, PreprocessConfig
 from kdcore.inference import load_predictor
 from kdcore.models import WeightsError, build_model, read_state_dict
 
 SIZE = 64
-STUDENT = ModelConfig(kind="student", cnn_name="mobilenetv3_small_050")
-TEACHER = ModelConfig(
-    kind="teacher",
-    cnn_name="mobilenetv3_small_050",
-    global_branch="feature_transformer",
-    transformer_dim=32,
-    transformer_depth=1,
-    transformer_heads=2,
-    head_hidden=32,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,7 +27,7 @@ def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("cfg", [STUDENT, TEACHER], ids=["student", "teacher"])
+@pytest.mark.parametrize("cfg", [TINY_STUDENT, TINY_TEACHER], ids=["student", "teacher"])
 def test_save_then_load_predictor_gives_identical_logits(tmp_path, cfg, speckle_image):
     torch.manual_seed(0)
     model = _trained_looking(build_model(cfg, SIZE))
@@ -72,8 +54,8 @@ def test_save_then_load_predictor_gives_identical_logits(tmp_path, cfg, speckle_
 
 
 def test_config_describes_the_model(tmp_path):
-    model = build_model(STUDENT, SIZE).eval()
-    save_checkpoint(tmp_path / "m", model, STUDENT, OFFLINE.student_preprocess, CLASS_NAMES, extra={"metrics": {}})
+    model = build_model(TINY_STUDENT, SIZE).eval()
+    save_checkpoint(tmp_path / "m", model, TINY_STUDENT, OFFLINE.student_preprocess, CLASS_NAMES, extra={"metrics": {}})
     config = json.loads((tmp_path / "m.json").read_text())
     assert config["model_args"]["cnn_name"] == "mobilenetv3_small_050"
     assert config["class_names"] == list(CLASS_NAMES)
@@ -85,9 +67,9 @@ def test_config_describes_the_model(tmp_path):
 
 def test_fp16_storage_loads_as_fp32(tmp_path):
     torch.manual_seed(0)
-    model = _trained_looking(build_model(STUDENT, SIZE))
-    save_checkpoint(tmp_path / "h", model, STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES, half=True)
-    full = save_checkpoint(tmp_path / "f", model, STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
+    model = _trained_looking(build_model(TINY_STUDENT, SIZE))
+    save_checkpoint(tmp_path / "h", model, TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES, half=True)
+    full = save_checkpoint(tmp_path / "f", model, TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
     with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert torch.float16 in dtypes and torch.float32 not in dtypes
@@ -105,8 +87,8 @@ def test_fp16_storage_loads_as_fp32(tmp_path):
 
 @pytest.fixture()
 def saved(tmp_path):
-    model = build_model(STUDENT, SIZE).eval()
-    return save_checkpoint(tmp_path / "m", model, STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
+    model = build_model(TINY_STUDENT, SIZE).eval()
+    return save_checkpoint(tmp_path / "m", model, TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
 
 
 def test_tampered_weights_are_refused_by_sha256(saved):
@@ -119,7 +101,11 @@ def test_tampered_weights_are_refused_by_sha256(saved):
 
 def test_weights_from_another_checkpoint_are_refused(saved, tmp_path):
     other = save_checkpoint(
-        tmp_path / "other", build_model(STUDENT, SIZE), STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES
+        tmp_path / "other",
+        build_model(TINY_STUDENT, SIZE),
+        TINY_STUDENT,
+        PreprocessConfig(input_size=SIZE),
+        CLASS_NAMES,
     )
     saved.write_bytes(other.read_bytes())
     with pytest.raises(CheckpointError, match="sha256"):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_metrics import EVAL_KEYS
 
 from kdcore.config import CLASS_NAMES, DEFAULT_SPLIT_FILE, REPO_ROOT
 from kdcore.data import read_split_file
@@ -23,25 +24,6 @@ from kdcore.inference import load_predictor
 from kdcore.protocol import load_busi
 
 TRAIN_PY = REPO_ROOT / "train.py"
-EVAL_KEYS = {
-    "n",
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "per_class",
-    "confusion_matrix",
-    "auc_malignant_vs_benign",
-    "ci95",
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_train(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import TINY_STUDENT, TINY_TEACHER
 
-from kdcore.config import ModelConfig
 from kdcore.distill import Distiller, kd_kl_term, kd_loss
 from kdcore.models import build_model, set_train_mode
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # A 2-sample, 3-class example, worked out by hand below (T = 4, alpha = 0.5).
 STUDENT = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
@@ -124,16 +116,7 @@ SIZE = 64
 
 
 def _tiny_teacher() -> torch.nn.Module:
-    cfg = ModelConfig(
-        kind="teacher",
-        cnn_name="mobilenetv3_small_050",
-        global_branch="feature_transformer",
-        transformer_dim=32,
-        transformer_depth=1,
-        transformer_heads=2,
-        head_hidden=32,
-    )
-    return build_model(cfg, SIZE)
+    return build_model(TINY_TEACHER, SIZE)
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -153,7 +136,7 @@ def test_distiller_train_step_leaves_teacher_weights_and_bn_stats_unchanged():
     torch.manual_seed(0)
     teacher = _tiny_teacher()
     teacher.train()  # as if handed over straight from its own training
-    student = build_model(ModelConfig(kind="student", cnn_name="mobilenetv3_small_050"), SIZE)
+    student = build_model(TINY_STUDENT, SIZE)
     distiller = Distiller(student, teacher, alpha=0.5, temperature=4.0)
     distiller.train()
     assert distiller.training and student.training
@@ -191,7 +174,7 @@ def test_distiller_train_step_leaves_teacher_weights_and_bn_stats_unchanged():
 
 def test_distiller_eval_then_train_keeps_teacher_in_eval():
     teacher = _tiny_teacher()
-    student = build_model(ModelConfig(kind="student", cnn_name="mobilenetv3_small_050"), SIZE)
+    student = build_model(TINY_STUDENT, SIZE)
     distiller = Distiller(student, teacher, alpha=0.5, temperature=4.0)
     distiller.eval()
     assert not student.training
@@ -201,7 +184,7 @@ def test_distiller_eval_then_train_keeps_teacher_in_eval():
 
 def test_cached_teacher_logits_are_used_instead_of_running_the_teacher():
     teacher = _tiny_teacher()
-    student = build_model(ModelConfig(kind="student", cnn_name="mobilenetv3_small_050"), SIZE)
+    student = build_model(TINY_STUDENT, SIZE)
     distiller = Distiller(student, teacher, alpha=0.5, temperature=4.0).eval()
     images, targets = torch.rand(2, 3, SIZE, SIZE), torch.tensor([0, 2])
     cached = torch.tensor(TEACHER)
@@ -215,7 +198,7 @@ def test_cached_teacher_logits_are_used_instead_of_running_the_teacher():
 
 def test_frozen_student_blocks_keep_weights_and_bn_stats():
     torch.manual_seed(0)
-    student = build_model(ModelConfig(kind="student", cnn_name="mobilenetv3_small_050", frozen_blocks=2), SIZE)
+    student = build_model(replace(TINY_STUDENT, frozen_blocks=2), SIZE)
     frozen = student.frozen_modules
     assert frozen[0] is student.conv_stem and len(frozen) == 4  # stem, bn1, blocks 0 and 1
     frozen_names = {n for n, m in student.named_modules() if any(m is f for f in frozen)}

@@ -8,35 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_STUDENT, TINY_TEACHER
 
 from kdcore import engine
 from kdcore.checkpoint import load_checkpoint
-from kdcore.config import AugmentConfig, ModelConfig, PreprocessConfig, TrainConfig
+from kdcore.config import AugmentConfig, PreprocessConfig, TrainConfig
 from kdcore.engine import FixedViewBank, OnlineAugmented, class_weights_for, fit, validation_scores
 from kdcore.models import build_model
 from kdcore.protocol import BusiData, train_student, train_teacher
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
 SIZE = 48
-STUDENT = ModelConfig(kind="student", cnn_name="mobilenetv3_small_050")
-TEACHER = ModelConfig(
-    kind="teacher",
-    cnn_name="mobilenetv3_small_050",
-    global_branch="feature_transformer",
-    transformer_dim=32,
-    transformer_depth=1,
-    transformer_heads=2,
-    head_hidden=32,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 CFG = TrainConfig(epochs=2, batch_size=8, lr=3e-3, warmup_epochs=1, patience=5, seed=3)
@@ -64,7 +46,7 @@ def data():
 def _fit(data, work_dir: Path, resume: bool = False, cfg: TrainConfig = CFG, model_seed: int = 0):
     train_images, train_labels, val_images, val_labels, views, teacher_logits = data
     torch.manual_seed(model_seed)
-    model = build_model(STUDENT, SIZE)
+    model = build_model(TINY_STUDENT, SIZE)
     train_set = FixedViewBank(views, train_labels, teacher_logits)
     preprocess = Preprocess(PreprocessConfig(input_size=SIZE))
     result = fit(model, train_set, val_images, val_labels, train_labels, preprocess, cfg, work_dir, resume, "t")
@@ -210,10 +192,10 @@ def test_training_and_model_selection_never_touch_the_test_split(data, tmp_path)
         labels={"train": train_labels, "val": val_labels, "test": _Untouchable()},
     )
     preprocess = PreprocessConfig(input_size=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    teacher_path = train_teacher(TEACHER, preprocess, replace(CFG, epochs=2), busi, tmp_path / "teacher")
+    teacher_path = train_teacher(TINY_TEACHER, preprocess, replace(CFG, epochs=2), busi, tmp_path / "teacher")
     student_cfg = replace(CFG, epochs=2, views_per_image=2)
     student_path = train_student(
-        STUDENT, PreprocessConfig(input_size=SIZE), student_cfg, busi, tmp_path / "student", teacher_path
+        TINY_STUDENT, PreprocessConfig(input_size=SIZE), student_cfg, busi, tmp_path / "student", teacher_path
     )
     for path, role in ((teacher_path, "teacher"), (student_path, "student_kd")):
         model, config = load_checkpoint(path)
@@ -262,14 +244,14 @@ def test_initial_weights_follow_the_seed(data, tmp_path, monkeypatch):
 
     def student(seed: int) -> torch.Tensor:
         cfg = replace(CFG, seed=seed, views_per_image=2)
-        kwargs = dict(model_cfg=STUDENT, preprocess_cfg=PreprocessConfig(input_size=SIZE), train_cfg=cfg)
+        kwargs = dict(model_cfg=TINY_STUDENT, preprocess_cfg=PreprocessConfig(input_size=SIZE), train_cfg=cfg)
         return _initial_weights(
             monkeypatch, train_student, **kwargs, data=busi, out_path=tmp_path / "s", teacher_path=None
         )
 
     def teacher(seed: int) -> torch.Tensor:
         kwargs = dict(
-            model_cfg=TEACHER, preprocess_cfg=PreprocessConfig(input_size=SIZE), train_cfg=replace(CFG, seed=seed)
+            model_cfg=TINY_TEACHER, preprocess_cfg=PreprocessConfig(input_size=SIZE), train_cfg=replace(CFG, seed=seed)
         )
         return _initial_weights(monkeypatch, train_teacher, **kwargs, data=busi, out_path=tmp_path / "t")
 

