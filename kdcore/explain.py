@@ -20,6 +20,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from kdcore.inference import Prediction, Predictor
 from kdcore.models import cam_target_layer
 
+JPEG_QUALITY = 90
 _LOCKS: WeakKeyDictionary[Predictor, threading.Lock] = WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -62,6 +63,14 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.4
     coloured = cv2.applyColorMap((resized * 255).astype(np.uint8), cv2.COLORMAP_JET)
     coloured = cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB)
     return cv2.addWeighted(rgb, 1.0 - float(opacity), coloured, float(opacity), 0.0)
+
+
+def encode_jpeg(frame_bgr: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """JPEG bytes of a BGR frame (what the live and video streams send)."""
+    ok, encoded = cv2.imencode(".jpg", frame_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return encoded.tobytes()
 
 
 def cam_peak(heatmap: np.ndarray, height: int, width: int) -> tuple[int, int]:

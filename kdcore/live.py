@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from kdcore.explain import grad_cam, overlay_heatmap
+from kdcore.explain import encode_jpeg, grad_cam, overlay_heatmap
 from kdcore.forward_cam import ResizedGreyCam, supports_forward_cam
 from kdcore.inference import Prediction, Predictor, load_predictor
 
@@ -128,7 +128,4 @@ def render_live_frame(
     grey = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
     prediction, heatmap = cam_predictor.predict_with_cam(grey)
     overlay = overlay_heatmap(frame_rgb, heatmap, opacity)
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("JPEG encoding of the overlay failed")
-    return prediction, jpeg.tobytes()
+    return prediction, encode_jpeg(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))

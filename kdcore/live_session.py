@@ -17,7 +17,6 @@ from kdcore.live import CamPredictor
 
 STATUS_BAR_HEIGHT = 28
 PANEL_INTERVAL_S = 0.1  # side-panel refresh; the burned-in status bar updates every frame
-JPEG_QUALITY = 90
 ROI_COLOUR_BGR = (80, 200, 255)
 
 
@@ -153,10 +152,3 @@ def with_status_bar(frame: np.ndarray, text: str) -> np.ndarray:
     origin = (max(8, frame.shape[1] - text_width - 8), 19)
     cv2.putText(bar, text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     return np.vstack([bar, frame])
-
-
-def encode_jpeg(frame_bgr: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    ok, encoded = cv2.imencode(".jpg", frame_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return encoded.tobytes()

@@ -4,7 +4,6 @@ Grad-CAM localisation, calibration, figures, and checkpoints/MODEL_CARD.md."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from kdcore.benchmark import time_calls, torch_forward
 from kdcore.checkpoint import checkpoint_paths, read_checkpoint_config
 from kdcore.config import CLASS_NAMES
 from kdcore.data import ImageRecord, label_indices
@@ -86,28 +86,15 @@ def pointing_game(predictor: Predictor, data: BusiData) -> dict[str, Any]:
     return {"n": len(hits), "pointing_game": float(np.mean(hits)), "chance_rate": float(np.mean(areas))}
 
 
-def latency_ms(predictor: Predictor, runs: int = 50) -> tuple[float, float]:
-    """Median and p90 batch-1 forward latency on a 224x224 input (after 5 warm-up runs)."""
-    x = torch.rand(1, 3, predictor.preprocess.cfg.input_size, predictor.preprocess.cfg.input_size)
-    times = []
-    with torch.inference_mode():
-        for i in range(runs + 5):
-            started = time.perf_counter()
-            predictor.model(x)
-            if i >= 5:
-                times.append((time.perf_counter() - started) * 1000)
-    return float(np.median(times)), float(np.percentile(times, 90))
-
-
 def efficiency_row(name: str, path: Path, predictor: Predictor) -> dict[str, Any]:
-    median, p90 = latency_ms(predictor)
+    """Size on disk, parameters and batch-1 forward latency (5 warm-up + 50 timed runs)."""
+    size = predictor.preprocess.cfg.input_size
+    timing = time_calls(torch_forward(predictor.model, torch.rand(1, 3, size, size)), warmup=5, runs=50)
     return {
         "name": name,
         "size_mb": checkpoint_paths(path)[0].stat().st_size / 1e6,
         "params": count_parameters(predictor.model),
-        "median_ms": median,
-        "p90_ms": p90,
-        "fps": 1000.0 / median,
+        **{key: timing[key] for key in ("median_ms", "p90_ms", "fps")},
     }
 
 

@@ -19,8 +19,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kdcore.explain import encode_jpeg  # noqa: E402
 from kdcore.live import load_cam_predictor  # noqa: E402
-from kdcore.live_session import LiveSession, RegionOfInterest, encode_jpeg  # noqa: E402
+from kdcore.live_session import LiveSession, RegionOfInterest  # noqa: E402
 
 
 def random_student(folder: Path) -> Path:

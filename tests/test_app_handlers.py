@@ -11,6 +11,7 @@ import pytest
 
 from kdcore.about import about_markdown
 from kdcore.config import CLASS_NAMES
+from kdcore.explain import encode_jpeg
 from kdcore.live import load_cam_predictor
 from kdcore.live_session import (
     STATUS_BAR_HEIGHT,
@@ -18,7 +19,6 @@ from kdcore.live_session import (
     LiveSession,
     ProbabilitySmoother,
     RegionOfInterest,
-    encode_jpeg,
 )
 from kdcore.phantom import EXAMPLE_PHANTOMS, speckle_phantom
 from kdcore.service import ImageAnalysis, analyse_image, load_models
