@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from kdcore.config import CLASS_NAMES, TrainConfig
 from kdcore.distill import Distiller
-from kdcore.models import set_train_mode
+from kdcore.models import WeightsError, load_tensor_file, set_train_mode
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
 
@@ -158,7 +158,10 @@ def fit(
     result = FitResult({k: v.clone() for k, v in model.state_dict().items()}, 0, (-1.0, 0.0))
     start_epoch = 1
     if resume and state_path.is_file():
-        saved: dict[str, Any] = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            saved: dict[str, Any] = load_tensor_file(state_path)
+        except WeightsError as exc:
+            raise WeightsError(f"cannot resume from {state_path}: {exc}; delete it or run without --resume") from exc
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

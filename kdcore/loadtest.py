@@ -1,16 +1,17 @@
 """Sustained load on a running app over loopback: concurrent gradio_client clients calling
 ``/predict`` while one client streams ``/analyse_video`` sessions. Reports latency
-percentiles, errors, resident-memory growth and the Grad-CAM hook count before and after.
+percentiles, errors, the app's resident-memory growth and its Grad-CAM hook count before
+and after.
 
-The app runs in this process (``scripts/load_test.py`` launches it), so the hook count sees
-its models; the resident memory is that of the process serving the app *and* hosting the
-client threads, an upper bound on the server's own growth.
+The app runs in a child process (``AppProcess``), so the memory measured is the server's
+own, not that of the client threads; the child measures itself when asked.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import multiprocessing
 import os
 import socket
 import threading
@@ -18,13 +19,19 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+import gradio as gr
 import numpy as np
 from torch import nn
 
+from kdcore.ui import AppSettings, build_demo, launch_options
+
 MAX_RSS_GROWTH_MB = 50.0
+APP_START_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -92,19 +99,74 @@ def module_hook_count() -> int:
     )
 
 
+def _serve(settings: AppSettings, conn: Connection) -> None:
+    """Child process: run the app, send (URL, queue settings), then answer each ``"measure"``
+    with (RSS MB, hook count) until ``"stop"``."""
+    demo = build_demo(settings)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    conn.send((demo.local_url, queue_settings(demo)))
+    try:
+        while conn.recv() == "measure":
+            conn.send((resident_mb(), module_hook_count()))
+    finally:
+        demo.close()
+
+
+class AppProcess:
+    """The app (``kdcore.ui.build_demo(settings)``) served from its own process, as a context manager."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        context = multiprocessing.get_context("spawn")  # a clean interpreter: no torch/OpenMP state inherited
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve, args=(settings, child_conn), daemon=True)
+        self.url = ""
+        self.queue: dict[str, Any] = {}
+
+    def __enter__(self) -> AppProcess:
+        self._process.start()
+        try:
+            if not self._conn.poll(APP_START_TIMEOUT_S):
+                raise RuntimeError(f"the app did not start within {APP_START_TIMEOUT_S:.0f} s")
+            self.url, self.queue = self._conn.recv()
+        except EOFError:
+            self._process.join(timeout=5)
+            raise RuntimeError(f"the app process ended during start-up (exit code {self._process.exitcode})") from None
+        except BaseException:
+            self._process.kill()
+            raise
+        return self
+
+    def measure(self) -> tuple[float, int]:
+        """(resident MB, Grad-CAM hook count) of the serving process."""
+        self._conn.send("measure")
+        return self._conn.recv()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self._conn.send("stop")
+        except (BrokenPipeError, OSError):  # the child is already gone
+            pass
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
 def _predict_client(url: str, image: Path, calls: int, log: CallLog) -> None:
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False, download_files=False)
-    for _ in range(calls):
-        started = time.perf_counter()
-        try:
-            payload, *_ = client.predict(handle_file(image), api_name="/predict")
-            if not isinstance(payload, dict) or not payload:
-                raise ValueError(f"unexpected /predict payload {payload!r}")
-            log.record(started)
-        except Exception as exc:  # every failure counts; the report lists them
-            log.record(started, exc)
+    try:
+        for _ in range(calls):
+            started = time.perf_counter()
+            try:
+                payload, *_ = client.predict(handle_file(image), api_name="/predict")
+                if not isinstance(payload, dict) or not payload:
+                    raise ValueError(f"unexpected /predict payload {payload!r}")
+                log.record(started)
+            except Exception as exc:  # every failure counts; the report lists them
+                log.record(started, exc)
+    finally:
+        client.close()
 
 
 def _stream_sessions(url: str, clip: Path, stop: threading.Event) -> dict[str, int]:
@@ -113,15 +175,18 @@ def _stream_sessions(url: str, clip: Path, stop: threading.Event) -> dict[str, i
 
     client = Client(url, verbose=False, download_files=False)
     counts = {"sessions": 0, "updates": 0, "errors": 0}
-    while not stop.is_set() or counts["sessions"] == 0:
-        try:
-            job = client.submit(handle_file(clip), 0.4, api_name="/analyse_video")
-            counts["updates"] += sum(1 for _ in job)
-            if "Clip summary" not in str(job.result()[-1]):
-                raise ValueError("stream ended without a clip summary")
-        except Exception:  # counted, the session is retried
-            counts["errors"] += 1
-        counts["sessions"] += 1
+    try:
+        while not stop.is_set() or counts["sessions"] == 0:
+            try:
+                job = client.submit(handle_file(clip), 0.4, api_name="/analyse_video")
+                counts["updates"] += sum(1 for _ in job)
+                if "Clip summary" not in str(job.result()[-1]):
+                    raise ValueError("stream ended without a clip summary")
+            except Exception:  # counted, the session is retried
+                counts["errors"] += 1
+            counts["sessions"] += 1
+    finally:
+        client.close()
     return counts
 
 
@@ -151,13 +216,13 @@ def _round(url: str, image: Path, clip: Path | None, clients: int, calls: int) -
 
 
 def run_load_test(
-    url: str, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int = 2
+    app: AppProcess, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int = 2
 ) -> LoadReport:
     """A warm-up round (first-use allocations of every path are not a leak), then the measured round."""
-    warmup, warmup_stream, _ = _round(url, image, clip, clients, warmup_calls)
-    rss_before, hooks_before = resident_mb(), module_hook_count()
-    log, stream_counts, wall = _round(url, image, clip, clients, calls)
-    rss_after, hooks_after = resident_mb(), module_hook_count()
+    warmup, warmup_stream, _ = _round(app.url, image, clip, clients, warmup_calls)
+    rss_before, hooks_before = app.measure()
+    log, stream_counts, wall = _round(app.url, image, clip, clients, calls)
+    rss_after, hooks_after = app.measure()
     stream_counts["errors"] += warmup_stream["errors"]
     return LoadReport(
         clients=clients,
@@ -184,7 +249,7 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def queue_settings(demo: Any) -> dict[str, Any]:
+def queue_settings(demo: gr.Blocks) -> dict[str, Any]:
     """The launched app's queue: bounded size and runs per event at a time."""
     return {"max_size": demo._queue.max_size, "default_concurrency_limit": demo._queue.default_concurrency_limit}
 

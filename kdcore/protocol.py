@@ -42,7 +42,7 @@ from kdcore.metrics import (
     markdown_table,
     plot_confusion_matrix,
 )
-from kdcore.models import build_model
+from kdcore.models import WeightsError, build_model, load_tensor_file
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
 SPLITS = ("train", "val", "test")
@@ -175,7 +175,10 @@ def teacher_view_logits(teacher_path: Path, views: torch.Tensor, cache: Path) ->
     weights_sha = read_checkpoint_config(teacher_path)["weights_sha256"][:16]
     cache_file = cache / f"teacher_logits_{weights_sha}_{key}.pt"
     if cache_file.is_file():
-        return torch.load(cache_file, weights_only=True)
+        try:
+            return load_tensor_file(cache_file)
+        except WeightsError as exc:  # a damaged or tampered cache is recomputed, never executed
+            print(f"warning: ignoring teacher-logit cache {cache_file}: {exc}; recomputing it")
     teacher, config = load_checkpoint(teacher_path)
     teacher.to(memory_format=torch.channels_last)
     preprocess = Preprocess(Predictor(teacher, config).preprocess.cfg)

@@ -28,7 +28,7 @@ from kdcore.metrics import (
     plot_roc,
     plot_training_curves,
 )
-from kdcore.models import count_parameters
+from kdcore.models import count_parameters, load_tensor_file
 from kdcore.pipeline import validation_score
 from kdcore.protocol import BusiData
 
@@ -104,7 +104,7 @@ def fp16_agreement(teacher_path: Path, data: BusiData, logits_fp16: np.ndarray) 
     if not state_file.is_file():
         return None
     predictor = load_predictor(teacher_path)
-    best_state = torch.load(state_file, map_location="cpu", weights_only=True)["best_state"]
+    best_state = load_tensor_file(state_file)["best_state"]
     predictor.model.load_state_dict(best_state)
     logits_fp32, _ = test_predictions(predictor, data)
     return float(np.mean(logits_fp32.argmax(1) == logits_fp16.argmax(1)))

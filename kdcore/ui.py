@@ -18,11 +18,13 @@ from typing import Any
 import gradio as gr
 import numpy as np
 from fastrtc import AdditionalOutputs, VideoStreamHandler, WebRTC
+from gradio.data_classes import ImageData
 
 from kdcore.about import about_markdown
 from kdcore.config import REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES, ImageReadError, read_grey_image
 from kdcore.live_session import LiveSession, RegionOfInterest
+from kdcore.queue_hygiene import bound_queue_bookkeeping
 from kdcore.service import (
     DEFAULT_CHECKPOINT_DIR,
     ROLES,
@@ -106,6 +108,28 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def image_drop_box(**kwargs: Any) -> gr.Image:
+    """``gr.Image`` (type="filepath") that hands an uploaded file to ``read_grey_image`` unopened.
+
+    Plain ``gr.Image`` first opens the file with PIL and answers a non-image with Gradio's
+    generic error; this one lets our reader name the problem, exactly as the file box does.
+    (An instance override: subclassing a Gradio component writes a ``.pyi`` beside this module.)
+    """
+    box = gr.Image(type="filepath", image_mode=None, **kwargs)
+    gradio_preprocess = box.preprocess
+
+    def preprocess(payload: ImageData | None) -> str | None:
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return payload.path
+        try:  # a pasted image arrives as a data URL, which Gradio decodes to a file
+            return gradio_preprocess(payload)
+        except Exception as exc:  # Gradio and PIL raise many types for a bad data URL
+            raise gr.Error(f"The pasted image could not be read ({type(exc).__name__}).") from exc
+
+    box.preprocess = preprocess
+    return box
+
+
 def example_files(settings: AppSettings, suffixes: tuple[str, ...]) -> list[str]:
     """Our generated assets plus the user's ``--examples-dir``, filtered by suffix."""
     folders = [ASSETS_DIR, *([settings.examples_dir] if settings.examples_dir else [])]
@@ -169,12 +193,7 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
     analysis_state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1):
-            pasted = gr.Image(
-                label="Ultrasound image — drop, upload or paste",
-                sources=["upload", "clipboard"],
-                type="filepath",
-                image_mode=None,
-            )
+            pasted = image_drop_box(label="Ultrasound image — drop, upload or paste", sources=["upload", "clipboard"])
             uploaded = gr.File(
                 label="…or any file: PNG, JPEG, BMP, TIFF, DICOM",
                 file_types=list(IMAGE_SUFFIXES),
@@ -334,4 +353,4 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
             _video_tab(models, settings)
         with gr.Tab("About"):
             gr.Markdown(about_markdown(models))
-    return demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED_REQUESTS)
+    return bound_queue_bookkeeping(demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED_REQUESTS))

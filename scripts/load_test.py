@@ -2,9 +2,10 @@
 
 python scripts/load_test.py --clients 8 --calls 200 --out reports/load_test.json
 
-Launches the app in this process on 127.0.0.1 (a free port), runs CLIENTS gradio_client
-clients x CALLS /predict calls plus /analyse_video streaming sessions meanwhile, then writes
-p50/p95 latency, errors, resident-memory growth and the Grad-CAM hook count to OUT.
+Launches the app in a child process on 127.0.0.1 (a free port), runs CLIENTS gradio_client
+clients x CALLS /predict calls from this process plus /analyse_video streaming sessions
+meanwhile, then writes p50/p95 latency, errors, the app process's resident-memory growth and
+its Grad-CAM hook count to OUT.
 Exit status 1 when any call failed, memory grew by 50 MB or more, or hooks were left behind.
 """
 
@@ -18,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kdcore.loadtest import free_local_port, machine_note, queue_settings, run_load_test  # noqa: E402
+from kdcore.loadtest import AppProcess, free_local_port, machine_note, run_load_test  # noqa: E402
 from kdcore.service import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from kdcore.ui import AppSettings, build_demo, launch_options  # noqa: E402
+from kdcore.ui import AppSettings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = AppSettings(checkpoints=args.checkpoints, port=free_local_port())
-    demo = build_demo(settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
-    try:
+    with AppProcess(settings) as app:
         clip = None if args.no_stream else args.clip
-        report = run_load_test(demo.local_url, args.image, clip, args.clients, args.calls)
-        result = {**report.as_dict(), "queue": queue_settings(demo), "machine": machine_note()}
-    finally:
-        demo.close()
+        report = run_load_test(app, args.image, clip, args.clients, args.calls)
+        result = {**report.as_dict(), "queue": app.queue, "machine": machine_note()}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -144,25 +144,32 @@ def test_very_long_clip_is_capped_at_sixty_seconds(hostile_dir):
 # ----------------------------------------------------------------------------- live app (gradio_client)
 
 
-def call_api(client: Client, case: HostileCase, path: Path):
+def call_api(client: Client, case: HostileCase, path: Path, image_api: str):
     if case in VIDEO_CASES:
         return client.predict(handle_file(path), 0.4, api_name="/analyse_video")
-    return client.predict(handle_file(path), api_name="/predict")
+    return client.predict(handle_file(path), api_name=image_api)
 
 
-@pytest.mark.parametrize("case", IMAGE_CASES + VIDEO_CASES, ids=case_ids(IMAGE_CASES + VIDEO_CASES))
-def test_api_refuses_clearly_then_keeps_serving(client, hostile_dir, case, monkeypatch):
+API_CASES = [(case, "/predict") for case in IMAGE_CASES + VIDEO_CASES]
+API_CASES += [(case, "/predict_image") for case in IMAGE_CASES]
+
+
+@pytest.mark.parametrize(
+    ("case", "image_api"), API_CASES, ids=[f"{api.strip('/')}-{case.name}" for case, api in API_CASES]
+)
+def test_api_refuses_clearly_then_keeps_serving(client, hostile_dir, case, image_api, monkeypatch):
+    """Through the file box (/predict), the paste box (/predict_image) and the video tab."""
     monkeypatch.setattr(kdcore.video, "MAX_CLIP_SECONDS", 2.0)  # in-process server: same module
     path = hostile_dir / case.filename
     if case.refusal is None:
-        outputs = call_api(client, case, path)
+        outputs = call_api(client, case, path, image_api)
         if case in VIDEO_CASES:
             assert "only the first 2 s" in outputs[-1]
         else:
             assert_valid_payload(outputs[0])
         return
     with pytest.raises(AppError) as error:
-        call_api(client, case, path)
+        call_api(client, case, path, image_api)
     assert_clean_message(str(error.value), case.refusal)
     payload, *_ = client.predict(handle_file(VALID_IMAGE), api_name="/predict")
     assert_valid_payload(payload)

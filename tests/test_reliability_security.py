@@ -91,16 +91,40 @@ def test_pickle_init_weights_are_refused_by_training(tmp_path, command, capsys):
     assert not marker.exists() and not (tmp_path / "m.safetensors").exists()
 
 
-def test_poisoned_teacher_logit_cache_is_refused(tmp_path, tiny_checkpoints):
+@pytest.mark.parametrize("damage", ["pickle", "truncated"])
+def test_poisoned_teacher_logit_cache_is_recomputed_not_run(tmp_path, tiny_checkpoints, damage, capsys):
     marker = tmp_path / "code_ran"
     side = json.loads(tiny_checkpoints["teacher"].with_suffix(".json").read_text())["preprocess"]["input_size"]
     views = torch.zeros(1, 1, 1, side, side, dtype=torch.uint8)
-    teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)  # writes the genuine cache file
+    genuine = teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)  # writes the cache file
     (cache_file,) = tmp_path.glob("teacher_logits_*.pt")
-    cache_file.write_bytes(pickle.dumps(_Payload(str(marker))))
-    with pytest.raises(pickle.UnpicklingError):
-        teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)
+    good_bytes = cache_file.read_bytes()
+    bad_bytes = pickle.dumps(_Payload(str(marker))) if damage == "pickle" else good_bytes[: len(good_bytes) // 2]
+    cache_file.write_bytes(bad_bytes)
+
+    recomputed = teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)
+
     assert not marker.exists()
+    assert torch.equal(recomputed, genuine)
+    assert torch.equal(torch.load(cache_file, weights_only=True), genuine)  # the cache was rewritten
+    out = capsys.readouterr().out
+    assert f"ignoring teacher-logit cache {cache_file}" in out and "not a plain tensor file, refused" in out
+
+
+def test_corrupt_resume_state_stops_training_with_one_line(tmp_path, capsys):
+    data = tmp_path / "busi"
+    split_file = make_fake_busi(data)
+    out = tmp_path / "runs" / "scratch"
+    state = out.parent / "work" / out.name / "last.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"PK\x03\x04 not really a zip")
+    args = ["scratch", "--data", data, "--split-file", split_file, "--out", out, "--epochs", "1", "--resume"]
+    code, _, err = run_main(capsys, *args)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot resume from {state}: last.pt: not a plain tensor file, refused (RuntimeError); "
+        "delete it or run without --resume"
+    )
 
 
 # ----------------------------------------------------------------------------- served app
