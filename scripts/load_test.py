@@ -19,6 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kdcore.upload_cache import use_private_upload_cache  # noqa: E402
+
+use_private_upload_cache()  # before Gradio is imported; the app's child process inherits it
+
 from kdcore.loadtest import AppProcess, free_local_port, machine_note, run_load_test  # noqa: E402
 from kdcore.service import DEFAULT_CHECKPOINT_DIR  # noqa: E402
 from kdcore.ui import AppSettings  # noqa: E402

@@ -11,9 +11,15 @@ from tiny_models import TINY_TEACHER
 
 from kdcore.checkpoint import save_checkpoint
 from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, OFFLINE
+from kdcore.upload_cache import use_private_upload_cache
 
 BUSI = DEFAULT_DATA_DIR
 needs_busi = pytest.mark.skipif(not (BUSI / "manifest.csv").is_file(), reason="BUSI not available")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Apps under test keep uploads in a private folder, never in a running app's /tmp/gradio."""
+    use_private_upload_cache()
 
 
 @pytest.fixture(autouse=True, scope="session")

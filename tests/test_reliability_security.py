@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import socket
@@ -27,6 +28,7 @@ from kdcore.inference import load_predictor
 from kdcore.protocol import teacher_view_logits
 from kdcore.service import load_models
 from kdcore.ui import CACHE_CLEANUP_SECONDS, MAX_UPLOAD
+from kdcore.upload_cache import use_private_upload_cache
 
 
 def copy_checkpoint(source: Path, folder: Path, role: str) -> Path:
@@ -201,6 +203,19 @@ def test_uploads_and_overlays_are_deleted_when_the_app_stops(tiny_checkpoints, t
         examples = {f for block in demo.blocks.values() for f in getattr(block, "keep_in_cache", ())}
         cached = [Path(f) for files in demo.temp_file_sets for f in files if f not in examples]
         assert any(p.name == "scan.png" and p.is_file() for p in cached)
+        private = Path(os.environ["GRADIO_TEMP_DIR"])
+        assert all(p.is_relative_to(private) for p in cached)
     finally:
         demo.close()
     assert [p for p in cached if p.exists()] == []
+
+
+def test_each_app_process_gets_a_private_upload_folder(monkeypatch):
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
+    folder = use_private_upload_cache()
+    try:
+        assert os.environ["GRADIO_TEMP_DIR"] == str(folder) and folder.is_dir()
+        assert folder.stat().st_mode & 0o777 == 0o700  # other users cannot read the patients' images
+        assert use_private_upload_cache() == folder  # a folder already chosen (by us or the user) is kept
+    finally:
+        folder.rmdir()
