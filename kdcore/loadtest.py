@@ -26,12 +26,14 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio_client import Client, handle_file
 from torch import nn
 
 from kdcore.ui import AppSettings, build_demo, launch_options
 
 MAX_RSS_GROWTH_MB = 50.0
 APP_START_TIMEOUT_S = 300.0
+RSS_SAMPLE_SECONDS = 60.0
 
 
 @dataclass
@@ -58,6 +60,7 @@ class LoadReport:
     throughput_per_s: float
     wall_s: float
     rss_mb: dict[str, float]
+    rss_samples: list[tuple[float, float]]  # (seconds into the measured round, MB): a trend, not just two points
     grad_cam_hooks: dict[str, int]
     stream: dict[str, int]
     first_errors: list[str]
@@ -151,42 +154,30 @@ class AppProcess:
             self._process.kill()
 
 
-def _predict_client(url: str, image: Path, calls: int, log: CallLog) -> None:
-    from gradio_client import Client, handle_file
-
-    client = Client(url, verbose=False, download_files=False)
-    try:
-        for _ in range(calls):
-            started = time.perf_counter()
-            try:
-                payload, *_ = client.predict(handle_file(image), api_name="/predict")
-                if not isinstance(payload, dict) or not payload:
-                    raise ValueError(f"unexpected /predict payload {payload!r}")
-                log.record(started)
-            except Exception as exc:  # every failure counts; the report lists them
-                log.record(started, exc)
-    finally:
-        client.close()
+def _predict_calls(client: Client, image: Path, calls: int, log: CallLog) -> None:
+    for _ in range(calls):
+        started = time.perf_counter()
+        try:
+            payload, *_ = client.predict(handle_file(image), api_name="/predict")
+            if not isinstance(payload, dict) or not payload:
+                raise ValueError(f"unexpected /predict payload {payload!r}")
+            log.record(started)
+        except Exception as exc:  # every failure counts; the report lists them
+            log.record(started, exc)
 
 
-def _stream_sessions(url: str, clip: Path, stop: threading.Event) -> dict[str, int]:
+def _stream_sessions(client: Client, clip: Path, stop: threading.Event) -> dict[str, int]:
     """Stream ``/analyse_video`` sessions back to back until ``stop``; count updates and errors."""
-    from gradio_client import Client, handle_file
-
-    client = Client(url, verbose=False, download_files=False)
     counts = {"sessions": 0, "updates": 0, "errors": 0}
-    try:
-        while not stop.is_set() or counts["sessions"] == 0:
-            try:
-                job = client.submit(handle_file(clip), 0.4, api_name="/analyse_video")
-                counts["updates"] += sum(1 for _ in job)
-                if "Clip summary" not in str(job.result()[-1]):
-                    raise ValueError("stream ended without a clip summary")
-            except Exception:  # counted, the session is retried
-                counts["errors"] += 1
-            counts["sessions"] += 1
-    finally:
-        client.close()
+    while not stop.is_set() or counts["sessions"] == 0:
+        try:
+            job = client.submit(handle_file(clip), 0.4, api_name="/analyse_video")
+            counts["updates"] += sum(1 for _ in job)
+            if "Clip summary" not in str(job.result()[-1]):
+                raise ValueError("stream ended without a clip summary")
+        except Exception:  # counted, the session is retried
+            counts["errors"] += 1
+        counts["sessions"] += 1
     return counts
 
 
@@ -202,26 +193,63 @@ def _percentiles(latencies_ms: list[float]) -> dict[str, float]:
     }
 
 
-def _round(url: str, image: Path, clip: Path | None, clients: int, calls: int) -> tuple[CallLog, dict[str, int], float]:
-    """One round: ``clients`` threads x ``calls`` ``/predict`` calls, streaming sessions meanwhile."""
+@dataclass
+class Clients:
+    """The load's gradio_client sessions, kept from the warm-up to the end (as real users' are)."""
+
+    predict: list[Client]
+    stream: Client | None
+
+    @classmethod
+    def open(cls, url: str, count: int, streaming: bool) -> Clients:
+        def client() -> Client:
+            return Client(url, verbose=False, download_files=False)
+
+        return cls([client() for _ in range(count)], client() if streaming else None)
+
+    def close(self) -> None:
+        for client in [*self.predict, *([self.stream] if self.stream else [])]:
+            client.close()
+
+
+def _round(clients: Clients, image: Path, clip: Path | None, calls: int) -> tuple[CallLog, dict[str, int], float]:
+    """One round: each predict client makes ``calls`` ``/predict`` calls; streaming sessions meanwhile."""
     log, stop = CallLog(), threading.Event()
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=clients + 1) as pool:
-        stream = pool.submit(_stream_sessions, url, clip, stop) if clip else None
-        for future in [pool.submit(_predict_client, url, image, calls, log) for _ in range(clients)]:
+    with ThreadPoolExecutor(max_workers=len(clients.predict) + 1) as pool:
+        stream = pool.submit(_stream_sessions, clients.stream, clip, stop) if clients.stream and clip else None
+        for future in [pool.submit(_predict_calls, client, image, calls, log) for client in clients.predict]:
             future.result()
         stop.set()
         stream_counts = stream.result() if stream else {"sessions": 0, "updates": 0, "errors": 0}
     return log, stream_counts, time.perf_counter() - started
 
 
+def _sample_rss(app: AppProcess, stop: threading.Event, samples: list[tuple[float, float]]) -> None:
+    started = time.perf_counter()
+    while not stop.wait(RSS_SAMPLE_SECONDS):
+        samples.append((round(time.perf_counter() - started, 1), round(app.measure()[0], 1)))
+
+
 def run_load_test(
     app: AppProcess, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int = 2
 ) -> LoadReport:
-    """A warm-up round (first-use allocations of every path are not a leak), then the measured round."""
-    warmup, warmup_stream, _ = _round(app.url, image, clip, clients, warmup_calls)
-    rss_before, hooks_before = app.measure()
-    log, stream_counts, wall = _round(app.url, image, clip, clients, calls)
+    """A warm-up round (sessions opened, first-use allocations of every path: not a leak), then
+    the measured round with the same client sessions."""
+    sessions = Clients.open(app.url, clients, streaming=clip is not None)
+    samples: list[tuple[float, float]] = []
+    stop_sampling = threading.Event()
+    sampler = threading.Thread(target=_sample_rss, args=(app, stop_sampling, samples))
+    try:
+        warmup, warmup_stream, _ = _round(sessions, image, clip, warmup_calls)
+        rss_before, hooks_before = app.measure()
+        sampler.start()
+        log, stream_counts, wall = _round(sessions, image, clip, calls)
+    finally:
+        stop_sampling.set()
+        if sampler.is_alive():
+            sampler.join()
+        sessions.close()
     rss_after, hooks_after = app.measure()
     stream_counts["errors"] += warmup_stream["errors"]
     return LoadReport(
@@ -237,6 +265,7 @@ def run_load_test(
             "after": round(rss_after, 1),
             "growth": round(rss_after - rss_before, 1),
         },
+        rss_samples=samples,
         grad_cam_hooks={"before": hooks_before, "after": hooks_after},
         stream=stream_counts,
         first_errors=(warmup.errors + log.errors)[:5],

@@ -11,12 +11,14 @@ from app_helpers import free_port, launch
 from gradio_client import Client, handle_file
 from hostile_inputs import VALID_CLIP, VALID_IMAGE
 
+import kdcore.loadtest
 import kdcore.queue_hygiene
 from kdcore.loadtest import MAX_RSS_GROWTH_MB, AppProcess, run_load_test
 from kdcore.ui import MAX_QUEUED_REQUESTS, AppSettings
 
 
-def test_sustained_load_has_no_errors_leaks_or_left_over_hooks(tiny_checkpoints):
+def test_sustained_load_has_no_errors_leaks_or_left_over_hooks(tiny_checkpoints, monkeypatch):
+    monkeypatch.setattr(kdcore.loadtest, "RSS_SAMPLE_SECONDS", 1.0)
     settings = AppSettings(checkpoints=tiny_checkpoints["student"].parent, port=free_port())
     with AppProcess(settings) as app:
         report = run_load_test(app, VALID_IMAGE, VALID_CLIP, clients=2, calls=4)
@@ -26,6 +28,9 @@ def test_sustained_load_has_no_errors_leaks_or_left_over_hooks(tiny_checkpoints)
     assert report.stream["sessions"] >= 1 and report.stream["updates"] >= 20 and report.stream["errors"] == 0, details
     assert 0 < report.latency_ms["p50"] <= report.latency_ms["p95"]
     assert report.rss_mb["growth"] < MAX_RSS_GROWTH_MB, details
+    assert report.rss_samples and all(
+        report.rss_mb["before"] / 2 < mb < 2 * report.rss_mb["after"] for _, mb in report.rss_samples
+    )
     assert report.grad_cam_hooks["before"] == report.grad_cam_hooks["after"], details
     assert report.passed
 
