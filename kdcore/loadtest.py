@@ -54,6 +54,7 @@ class CallLog:
 class LoadReport:
     clients: int
     calls_per_client: int
+    warmup_calls_per_client: int
     predict_calls: int
     predict_errors: int
     latency_ms: dict[str, float]
@@ -232,10 +233,15 @@ def _sample_rss(app: AppProcess, stop: threading.Event, samples: list[tuple[floa
 
 
 def run_load_test(
-    app: AppProcess, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int = 2
+    app: AppProcess, image: Path, clip: Path | None, clients: int, calls: int, warmup_calls: int | None = None
 ) -> LoadReport:
-    """A warm-up round (sessions opened, first-use allocations of every path: not a leak), then
-    the measured round with the same client sessions."""
+    """A warm-up round, then the measured round with the same client sessions.
+
+    The warm-up (default: an eighth of the calls, at least 2) opens the sessions and lets the
+    server reach its working size under this concurrency (worker threads, allocator arenas):
+    growth from there on is what sustained use costs.
+    """
+    warmup_calls = max(2, calls // 8) if warmup_calls is None else warmup_calls
     sessions = Clients.open(app.url, clients, streaming=clip is not None)
     samples: list[tuple[float, float]] = []
     stop_sampling = threading.Event()
@@ -255,6 +261,7 @@ def run_load_test(
     return LoadReport(
         clients=clients,
         calls_per_client=calls,
+        warmup_calls_per_client=warmup_calls,
         predict_calls=len(log.latencies_ms) + len(log.errors),
         predict_errors=len(log.errors) + len(warmup.errors),
         latency_ms=_percentiles(log.latencies_ms),

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8, help="concurrent /predict clients (default: %(default)s)")
     parser.add_argument("--calls", type=int, default=200, help="/predict calls per client (default: %(default)s)")
+    parser.add_argument("--warmup-calls", type=int, help="warm-up calls per client (default: calls / 8, at least 2)")
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINT_DIR)
     parser.add_argument("--image", type=Path, default=ROOT / "assets" / "phantom_round_lesion.png")
     parser.add_argument("--clip", type=Path, default=ROOT / "assets" / "phantom_sweep.mp4")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = AppSettings(checkpoints=args.checkpoints, port=free_local_port())
     with AppProcess(settings) as app:
         clip = None if args.no_stream else args.clip
-        report = run_load_test(app, args.image, clip, args.clients, args.calls)
+        report = run_load_test(app, args.image, clip, args.clients, args.calls, args.warmup_calls)
         result = {**report.as_dict(), "queue": app.queue, "machine": machine_note()}
     text = json.dumps(result, indent=2)
     print(text)
