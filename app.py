@@ -7,6 +7,7 @@ python app.py [--host 127.0.0.1] [--port 7860] [--checkpoints DIR] [--examples-d
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -34,4 +35,6 @@ settings = parse_settings(sys.argv[1:] if __name__ == "__main__" else [])
 demo = build_demo(settings)
 
 if __name__ == "__main__":
+    # Stop on SIGTERM as on Ctrl-C: Gradio empties its cache, then the private upload folder goes.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     demo.launch(**launch_options(settings))

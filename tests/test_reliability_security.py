@@ -7,13 +7,18 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import gradio as gr
 import pytest
 import torch
-from app_helpers import launch
+from app_helpers import free_port, launch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from hostile_inputs import VALID_IMAGE, speckle
@@ -23,6 +28,7 @@ from test_cli import make_fake_busi, run_main
 
 import kdcore.ui
 from kdcore.checkpoint import CheckpointError
+from kdcore.config import REPO_ROOT
 from kdcore.data import sha256_file
 from kdcore.inference import load_predictor
 from kdcore.protocol import teacher_view_logits
@@ -219,3 +225,35 @@ def test_each_app_process_gets_a_private_upload_folder(monkeypatch):
         assert use_private_upload_cache() == folder  # a folder already chosen (by us or the user) is kept
     finally:
         folder.rmdir()
+
+
+def test_app_stopped_by_sigterm_deletes_its_upload_folder(tmp_path, tiny_checkpoints):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("GRADIO_TEMP_DIR")
+    port = free_port()
+    args = [sys.executable, "app.py", "--port", str(port), "--checkpoints", str(tiny_checkpoints["student"].parent)]
+    app = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = Client(wait_for_app(f"http://127.0.0.1:{port}/", app), verbose=False)
+        client.predict(handle_file(VALID_IMAGE), api_name="/predict")
+        client.close()
+        (folder,) = tmp_path.glob("kd-demo-uploads-*")
+        assert any(path.name == VALID_IMAGE.name for path in folder.rglob("*"))
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=60) in (0, 1)
+    finally:
+        app.kill()
+    assert not folder.exists()
+
+
+def wait_for_app(url: str, app: subprocess.Popen, timeout_s: float = 180.0) -> str:
+    """``url`` once the app answers there; fails if the process ends first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert app.poll() is None, f"app exited with code {app.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return url
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"app did not answer at {url} within {timeout_s:.0f} s")
