@@ -33,6 +33,7 @@ from kdcore.ui import AppSettings, build_demo, launch_options
 
 MAX_RSS_GROWTH_MB = 50.0
 APP_START_TIMEOUT_S = 300.0
+MEASURE_TIMEOUT_S = 120.0
 RSS_SAMPLE_SECONDS = 60.0
 
 
@@ -121,13 +122,14 @@ class AppProcess:
 
     def __init__(self, settings: AppSettings) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no torch/OpenMP state inherited
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_serve, args=(settings, child_conn), daemon=True)
+        self._conn, self._child_conn = context.Pipe()
+        self._process = context.Process(target=_serve, args=(settings, self._child_conn), daemon=True)
         self.url = ""
         self.queue: dict[str, Any] = {}
 
     def __enter__(self) -> AppProcess:
         self._process.start()
+        self._child_conn.close()  # the child holds its end: when it dies, our reads see EOF
         try:
             if not self._conn.poll(APP_START_TIMEOUT_S):
                 raise RuntimeError(f"the app did not start within {APP_START_TIMEOUT_S:.0f} s")
@@ -143,6 +145,8 @@ class AppProcess:
     def measure(self) -> tuple[float, int]:
         """(resident MB, Grad-CAM hook count) of the serving process."""
         self._conn.send("measure")
+        if not self._conn.poll(MEASURE_TIMEOUT_S):
+            raise RuntimeError(f"the app process did not report its memory within {MEASURE_TIMEOUT_S:.0f} s")
         return self._conn.recv()
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
@@ -153,6 +157,8 @@ class AppProcess:
         self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join()
+        self._conn.close()
 
 
 def _predict_calls(client: Client, image: Path, calls: int, log: CallLog) -> None:
@@ -206,11 +212,19 @@ class Clients:
         def client() -> Client:
             return Client(url, verbose=False, download_files=False)
 
-        return cls([client() for _ in range(count)], client() if streaming else None)
+        clients = cls([], None)
+        try:
+            clients.predict = [client() for _ in range(count)]
+            clients.stream = client() if streaming else None
+        except BaseException:
+            clients.close()
+            raise
+        return clients
 
     def close(self) -> None:
         for client in [*self.predict, *([self.stream] if self.stream else [])]:
             client.close()
+        self.predict, self.stream = [], None
 
 
 def _round(clients: Clients, image: Path, clip: Path | None, calls: int) -> tuple[CallLog, dict[str, int], float]:

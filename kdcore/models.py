@@ -43,10 +43,13 @@ def pypi_weights_path(model_name: str) -> Path:
 def load_tensor_file(path: Path) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never code.
 
-    Raises ``WeightsError`` naming the file when it is truncated, corrupt or asks to run code.
+    Raises ``WeightsError`` naming the file when it cannot be read, is truncated or corrupt,
+    or asks to run code.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise WeightsError(f"{Path(path).name}: cannot be read ({exc.strerror or type(exc).__name__})") from exc
     except Exception as exc:  # UnpicklingError, EOFError, zip errors...: refuse, never execute
         raise WeightsError(f"{Path(path).name}: not a plain tensor file, refused ({type(exc).__name__})") from exc
 

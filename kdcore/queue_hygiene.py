@@ -4,52 +4,78 @@ Gradio 5.50 keeps every finished event in ``Queue.event_ids_to_events`` (with it
 input payload) and one analytics record per event, for as long as the server runs: memory
 grows with every call. Gradio 6 fixed this (gradio-app/gradio#13154, PRs #13156 and
 #13756), but FastRTC, which the live view needs, requires Gradio 5. We wrap the queue's
-``process_events`` so that after each run the events nobody can still ask about are forgotten.
+``process_events`` so that after each run finished events are forgotten: at once when their
+result was delivered, after ``UNDELIVERED_GRACE_S`` when the client left before it was (Gradio
+never clears those from ``pending_event_ids_session``).
+
+Everything here runs on the server's event loop, between awaits, like the Gradio code that
+reads these dicts.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import gradio as gr
 
 MAX_ANALYTICS_RECORDS = 1000
-FINISHED_STATUSES = frozenset({"success", "failed", "cancelled"})
+UNDELIVERED_GRACE_S = 600.0
 
 
-def live_event_ids(queue: Any) -> set[str]:
-    """Events still queued, running, or whose result a client has not yet received."""
-    pending = {event_id for ids in queue.pending_event_ids_session.values() for event_id in ids}
-    queued = {event._id for waiting in queue.event_queue_per_concurrency_id.values() for event in waiting.queue}
-    running = {event._id for job in queue.active_jobs if job for event in job}
-    return pending | queued | running
+class QueueJanitor:
+    """Forgets a Gradio queue's finished events; ``finished_at`` remembers when each run ended."""
 
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.finished_at: dict[str, float] = {}
 
-def forget_finished_events(queue: Any) -> None:
-    """Drop finished events, and analytics records beyond the newest ``MAX_ANALYTICS_RECORDS``."""
-    live = live_event_ids(queue)
-    for event_id in [event_id for event_id in queue.event_ids_to_events if event_id not in live]:
-        del queue.event_ids_to_events[event_id]
-    excess = len(queue.event_analytics) - MAX_ANALYTICS_RECORDS
-    if excess <= 0:
-        return
-    finished = [key for key, record in queue.event_analytics.items() if record.get("status") in FINISHED_STATUSES]
-    for event_id in finished[:excess]:  # insertion order: oldest first
-        del queue.event_analytics[event_id]
-    # The analytics summary refreshes every N new records; keep its counter in step.
-    queue.event_count_at_last_cache = max(0, queue.event_count_at_last_cache - min(excess, len(finished)))
+    def active_event_ids(self) -> set[str]:
+        """Events waiting in a queue or running now."""
+        waiting = self.queue.event_queue_per_concurrency_id.values()
+        queued = {event._id for event_queue in waiting for event in event_queue.queue}
+        running = {event._id for job in self.queue.active_jobs if job for event in job}
+        return queued | running
+
+    def forget_finished_events(self, now: float | None = None) -> None:
+        """Drop finished events (an undelivered one after the grace period) and old analytics records."""
+        now = time.monotonic() if now is None else now
+        queue, active = self.queue, self.active_event_ids()
+        pending_by_session = queue.pending_event_ids_session
+        pending = {event_id for ids in pending_by_session.values() for event_id in ids}
+        for event_id in [event_id for event_id in queue.event_ids_to_events if event_id not in active]:
+            if event_id in pending:
+                if now - self.finished_at.setdefault(event_id, now) < UNDELIVERED_GRACE_S:
+                    continue  # its client may still be reading the result
+                for ids in pending_by_session.values():  # the heartbeat looks pending ids up: drop both
+                    ids.discard(event_id)
+            del queue.event_ids_to_events[event_id]
+            self.finished_at.pop(event_id, None)
+        self._trim_analytics(active)
+
+    def _trim_analytics(self, active: set[str]) -> None:
+        excess = len(self.queue.event_analytics) - MAX_ANALYTICS_RECORDS
+        if excess <= 0:
+            return
+        done = [event_id for event_id in self.queue.event_analytics if event_id not in active]
+        for event_id in done[:excess]:  # insertion order: oldest first
+            del self.queue.event_analytics[event_id]
+        # The analytics summary refreshes every N new records; never let its counter exceed the count.
+        queue = self.queue
+        queue.event_count_at_last_cache = min(queue.event_count_at_last_cache, len(queue.event_analytics))
 
 
 def bound_queue_bookkeeping(demo: gr.Blocks) -> gr.Blocks:
     """After each run of ``demo``'s queue, forget what is finished (call after ``demo.queue()``)."""
-    queue = demo._queue
-    run_events = queue.process_events
+    janitor = QueueJanitor(demo._queue)
+    run_events = demo._queue.process_events
 
     async def process_events_then_forget(events: list, batch: bool, begin_time: float) -> None:
         try:
             await run_events(events, batch, begin_time)
         finally:
-            forget_finished_events(queue)
+            janitor.finished_at.update((event._id, time.monotonic()) for event in events)
+            janitor.forget_finished_events()
 
-    queue.process_events = process_events_then_forget
+    demo._queue.process_events = process_events_then_forget
     return demo

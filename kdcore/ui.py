@@ -113,7 +113,9 @@ def image_drop_box(**kwargs: Any) -> gr.Image:
 
     Plain ``gr.Image`` first opens the file with PIL and answers a non-image with Gradio's
     generic error; this one lets our reader name the problem, exactly as the file box does.
-    (An instance override: subclassing a Gradio component writes a ``.pyi`` beside this module.)
+    (An instance override: subclassing a Gradio component writes a ``.pyi`` beside this module.
+    It holds while the box is only an input: Gradio rebuilds components it updates as outputs.)
+    Gradio has already checked that ``payload.path`` lies in its upload folder.
     """
     box = gr.Image(type="filepath", image_mode=None, **kwargs)
     gradio_preprocess = box.preprocess
