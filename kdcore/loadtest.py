@@ -29,7 +29,7 @@ import numpy as np
 from gradio_client import Client, handle_file
 from torch import nn
 
-from kdcore.ui import AppSettings, build_demo, launch_options
+from kdcore.ui import AppSettings, launch_in_background
 
 MAX_RSS_GROWTH_MB = 50.0
 APP_START_TIMEOUT_S = 300.0
@@ -107,8 +107,7 @@ def module_hook_count() -> int:
 def _serve(settings: AppSettings, conn: Connection) -> None:
     """Child process: run the app, send (URL, queue settings), then answer each ``"measure"``
     with (RSS MB, hook count) until ``"stop"``."""
-    demo = build_demo(settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    demo = launch_in_background(settings)
     conn.send((demo.local_url, queue_settings(demo)))
     try:
         while conn.recv() == "measure":

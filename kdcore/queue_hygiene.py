@@ -54,14 +54,14 @@ class QueueJanitor:
         self._trim_analytics(active)
 
     def _trim_analytics(self, active: set[str]) -> None:
-        excess = len(self.queue.event_analytics) - MAX_ANALYTICS_RECORDS
+        queue = self.queue
+        excess = len(queue.event_analytics) - MAX_ANALYTICS_RECORDS
         if excess <= 0:
             return
-        done = [event_id for event_id in self.queue.event_analytics if event_id not in active]
+        done = [event_id for event_id in queue.event_analytics if event_id not in active]
         for event_id in done[:excess]:  # insertion order: oldest first
-            del self.queue.event_analytics[event_id]
+            del queue.event_analytics[event_id]
         # The analytics summary refreshes every N new records; never let its counter exceed the count.
-        queue = self.queue
         queue.event_count_at_last_cache = min(queue.event_count_at_last_cache, len(queue.event_analytics))
 
 

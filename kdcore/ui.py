@@ -84,6 +84,13 @@ def launch_options(settings: AppSettings) -> dict[str, Any]:
     }
 
 
+def launch_in_background(settings: AppSettings) -> gr.Blocks:
+    """The app on ``settings``' address, served from a background thread; call ``.close()`` after."""
+    demo = build_demo(settings)
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    return demo
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn our user-facing read errors into ``gr.Error`` (shown in the browser, app keeps serving)."""
 

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import gradio as gr
 
-from kdcore.ui import AppSettings, build_demo, launch_options
+from kdcore.loadtest import free_local_port as free_port
+from kdcore.ui import AppSettings, launch_in_background
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "launch"]
 
 
 def launch(checkpoints: Path) -> gr.Blocks:
     """The app on a free local port, serving in a background thread; call ``.close()`` after."""
-    settings = AppSettings(checkpoints=checkpoints, port=free_port())
-    demo = build_demo(settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
-    return demo
+    return launch_in_background(AppSettings(checkpoints=checkpoints, port=free_port()))
