@@ -1,12 +1,14 @@
 """Keep Gradio 5's queue bookkeeping bounded while the app serves for hours.
 
-Gradio 5.50 keeps every finished event in ``Queue.event_ids_to_events`` (with its request and
-input payload) and one analytics record per event, for as long as the server runs: memory
-grows with every call. Gradio 6 fixed this (gradio-app/gradio#13154, PRs #13156 and
-#13756), but FastRTC, which the live view needs, requires Gradio 5. We wrap the queue's
-``process_events`` so that after each run finished events are forgotten: at once when their
-result was delivered, after ``UNDELIVERED_GRACE_S`` when the client left before it was (Gradio
-never clears those from ``pending_event_ids_session``).
+Gradio 5.50 keeps, for as long as the server runs, every finished event in
+``Queue.event_ids_to_events`` (with its request and input payload), one analytics record per
+event, every finished run's asyncio task (``Queue._asyncio_tasks``) and event id
+(``App.iterators_to_reset``): memory grows with every call. Gradio 6 fixed the events
+(gradio-app/gradio#13154, PRs #13156 and #13756), but FastRTC, which the live view needs,
+requires Gradio 5. We wrap the queue's ``process_events`` so that after each run what is
+finished is forgotten: an event at once when its result was delivered, after
+``UNDELIVERED_GRACE_S`` when the client left before it was (Gradio never clears those from
+``pending_event_ids_session``).
 
 Everything here runs on the server's event loop, between awaits, like the Gradio code that
 reads these dicts.
@@ -15,6 +17,7 @@ reads these dicts.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import gradio as gr
@@ -38,7 +41,8 @@ class QueueJanitor:
         return queued | running
 
     def forget_finished_events(self, now: float | None = None) -> None:
-        """Drop finished events (an undelivered one after the grace period) and old analytics records."""
+        """Drop finished events (an undelivered one after the grace period), old analytics records
+        and the tasks of finished runs."""
         now = time.monotonic() if now is None else now
         queue, active = self.queue, self.active_event_ids()
         pending_by_session = queue.pending_event_ids_session
@@ -52,6 +56,12 @@ class QueueJanitor:
             del queue.event_ids_to_events[event_id]
             self.finished_at.pop(event_id, None)
         self._trim_analytics(active)
+        queue._asyncio_tasks = [task for task in queue._asyncio_tasks if not task.done()]
+
+    def forget_finished_iterators(self, event_ids: Iterable[str]) -> None:
+        """Gradio marks each finished generator run's event id "to reset" and never unmarks it
+        unless the same event runs again, which a finished event never does."""
+        self.queue.server_app.iterators_to_reset.difference_update(event_ids)
 
     def _trim_analytics(self, active: set[str]) -> None:
         queue = self.queue
@@ -76,6 +86,7 @@ def bound_queue_bookkeeping(demo: gr.Blocks) -> gr.Blocks:
         finally:
             janitor.finished_at.update((event._id, time.monotonic()) for event in events)
             janitor.forget_finished_events()
+            janitor.forget_finished_iterators(event._id for event in events)
 
     demo._queue.process_events = process_events_then_forget
     return demo

@@ -328,16 +328,19 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
         if info.capped:
             gr.Warning(info.cap_message)
         results: list[FrameResult] = []
+        overlay = None
         started = time.perf_counter()
+        # Plain values only: in Gradio 5 every gr.skip()/gr.update() output rebuilds that
+        # component for the session and keeps the old one, a leak per clip.
         for overlay, result in analyse_clip(models.student_cam, path, info, opacity_value):
             results.append(result)
             wait = started + result.time_s - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)  # play back at the clip's own pace
             status = f"frame {result.index + 1}/{info.frames_to_analyse} · {result.label} · {result.latency_ms:.1f} ms"
-            yield overlay, status, gr.skip(), gr.skip()
+            yield overlay, status, None, ""
         wall = time.perf_counter() - started
-        yield gr.skip(), "Done.", timeline_table(results), clip_summary_markdown(results, info, wall)
+        yield overlay, "Done.", timeline_table(results), clip_summary_markdown(results, info, wall)
 
     run.click(analyse_video, [clip, opacity], [frame, progress, timeline, summary], api_name="analyse_video")
 

@@ -38,7 +38,7 @@ def test_sustained_load_has_no_errors_leaks_or_left_over_hooks(tiny_checkpoints,
 
 
 def test_finished_events_and_old_analytics_are_forgotten(tiny_checkpoints, monkeypatch):
-    """Gradio 5 would keep all 2 x 12 events (each /predict chains a summary event) forever."""
+    """Gradio 5 would keep all 12 events, their tasks and "to reset" marks forever."""
     monkeypatch.setattr(kdcore.queue_hygiene, "MAX_ANALYTICS_RECORDS", 5)
     demo = launch(tiny_checkpoints["student"].parent)
     client = Client(demo.local_url, verbose=False, download_files=False)
@@ -50,16 +50,43 @@ def test_finished_events_and_old_analytics_are_forgotten(tiny_checkpoints, monke
         assert len(queue.event_ids_to_events) <= 2  # at most the last call's events, until delivered
         assert len(queue.event_analytics) <= 5 + 2
         assert {record["status"] for record in queue.event_analytics.values()} <= {"success", "processing"}
+        assert len(queue._asyncio_tasks) <= 2  # Gradio 5 alone: 12
+        assert len(demo.server_app.iterators_to_reset) <= 2  # Gradio 5 alone: 12
     finally:
         client.close()
         demo.close()
 
 
+def test_streamed_clips_do_not_grow_the_session_state(tiny_checkpoints):
+    """Gradio 5 rebuilds an output updated with gr.skip()/gr.update() and keeps the old copy
+    in the session: the video view must send plain values."""
+    demo = launch(tiny_checkpoints["student"].parent)
+    client = Client(demo.local_url, verbose=False, download_files=False)
+    try:
+        for _ in range(3):
+            *_, summary = client.predict(handle_file(VALID_CLIP), 0.4, api_name="/analyse_video")
+            assert "Clip summary" in summary
+        (session,) = demo.server_app.state_holder.session_data.values()
+        assert len(session.blocks_config.blocks) == len(demo.blocks)  # with gr.skip(): one more per clip
+    finally:
+        client.close()
+        demo.close()
+
+
+def fake_task(done: bool) -> SimpleNamespace:
+    return SimpleNamespace(done=lambda: done)
+
+
 def fake_queue(analytics: int = 0) -> SimpleNamespace:
     """The parts of a Gradio 5.50 queue the janitor reads: one event queued, one running,
-    one finished but undelivered, one finished and delivered; ``analytics`` old records."""
+    one finished but undelivered, one finished and delivered; ``analytics`` old records;
+    the task of the running event and of a finished one; finished runs marked "to reset"."""
     event = {name: SimpleNamespace(_id=name) for name in ("queued", "running", "undelivered", "done")}
+    finished_task, running_task = fake_task(done=True), fake_task(done=False)
     return SimpleNamespace(
+        server_app=SimpleNamespace(iterators_to_reset={"undelivered", "done", "old"}),
+        _asyncio_tasks=[finished_task, running_task],
+        running_task=running_task,
         pending_event_ids_session={"session": {"undelivered"}},
         event_queue_per_concurrency_id={"fn": SimpleNamespace(queue=[event["queued"]])},
         active_jobs=[None, [event["running"]]],
@@ -92,6 +119,18 @@ def test_analytics_keep_the_newest_records_and_those_of_running_events(monkeypat
     janitor.forget_finished_events()
     assert list(janitor.queue.event_analytics) == ["old3", "old4", "running"]
     assert janitor.queue.event_count_at_last_cache == 3  # the summary keeps refreshing
+
+
+def test_tasks_of_finished_runs_are_dropped():
+    janitor = QueueJanitor(fake_queue())
+    janitor.forget_finished_events()
+    assert janitor.queue._asyncio_tasks == [janitor.queue.running_task]
+
+
+def test_finished_runs_are_no_longer_marked_to_reset():
+    janitor = QueueJanitor(fake_queue())
+    janitor.forget_finished_iterators(["undelivered", "done"])
+    assert janitor.queue.server_app.iterators_to_reset == {"old"}
 
 
 def test_an_app_process_that_dies_at_start_up_is_reported_at_once(tiny_checkpoints):
