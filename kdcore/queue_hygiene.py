@@ -59,8 +59,8 @@ class QueueJanitor:
         queue._asyncio_tasks = [task for task in queue._asyncio_tasks if not task.done()]
 
     def forget_finished_iterators(self, event_ids: Iterable[str]) -> None:
-        """Gradio marks each finished generator run's event id "to reset" and never unmarks it
-        unless the same event runs again, which a finished event never does."""
+        """Gradio marks each finished run's event id "to reset" and never unmarks it unless the
+        same event runs again, which a finished event never does."""
         self.queue.server_app.iterators_to_reset.difference_update(event_ids)
 
     def _trim_analytics(self, active: set[str]) -> None:

@@ -330,8 +330,8 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
         results: list[FrameResult] = []
         overlay = None
         started = time.perf_counter()
-        # Plain values only: in Gradio 5 every gr.skip()/gr.update() output rebuilds that
-        # component for the session and keeps the old one, a leak per clip.
+        # Plain values only: for each gr.skip()/gr.update() output Gradio 5.50 adds a rebuilt
+        # copy of the component to the session's blocks, more per clip, never freed.
         for overlay, result in analyse_clip(models.student_cam, path, info, opacity_value):
             results.append(result)
             wait = started + result.time_s - time.perf_counter()
