@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 from app_helpers import free_port, launch
 from gradio_client import Client, handle_file
@@ -37,40 +39,42 @@ def test_sustained_load_has_no_errors_leaks_or_left_over_hooks(tiny_checkpoints,
     assert report.passed
 
 
-def test_finished_events_and_old_analytics_are_forgotten(tiny_checkpoints, monkeypatch):
+@pytest.fixture()
+def app_and_client(tiny_checkpoints) -> Iterator[tuple[gr.Blocks, Client]]:
+    """A fresh app (no sessions yet) and one gradio_client session on it."""
+    demo = launch(tiny_checkpoints["student"].parent)
+    try:
+        client = Client(demo.local_url, verbose=False, download_files=False)
+        yield demo, client
+        client.close()
+    finally:
+        demo.close()
+
+
+def test_finished_events_and_old_analytics_are_forgotten(app_and_client, monkeypatch):
     """Gradio 5 would keep all 12 events, their tasks and "to reset" marks forever."""
     monkeypatch.setattr(kdcore.queue_hygiene, "MAX_ANALYTICS_RECORDS", 5)
-    demo = launch(tiny_checkpoints["student"].parent)
-    client = Client(demo.local_url, verbose=False, download_files=False)
-    try:
-        for _ in range(12):
-            payload, *_ = client.predict(handle_file(VALID_IMAGE), api_name="/predict")
-            assert set(payload) == {"teacher", "student"}
-        queue = demo._queue
-        assert len(queue.event_ids_to_events) <= 2  # at most the last call's events, until delivered
-        assert len(queue.event_analytics) <= 5 + 2
-        assert {record["status"] for record in queue.event_analytics.values()} <= {"success", "processing"}
-        assert len(queue._asyncio_tasks) <= 2  # Gradio 5 alone: 12
-        assert len(demo.server_app.iterators_to_reset) <= 2  # Gradio 5 alone: 12
-    finally:
-        client.close()
-        demo.close()
+    demo, client = app_and_client
+    for _ in range(12):
+        payload, *_ = client.predict(handle_file(VALID_IMAGE), api_name="/predict")
+        assert set(payload) == {"teacher", "student"}
+    queue = demo._queue
+    assert len(queue.event_ids_to_events) <= 2  # at most the last call's events, until delivered
+    assert len(queue.event_analytics) <= 5 + 2
+    assert {record["status"] for record in queue.event_analytics.values()} <= {"success", "processing"}
+    assert len(queue._asyncio_tasks) <= 2  # Gradio 5 alone: 12
+    assert len(demo.server_app.iterators_to_reset) <= 2  # Gradio 5 alone: 12
 
 
-def test_streamed_clips_do_not_grow_the_session_state(tiny_checkpoints):
-    """Gradio 5 rebuilds an output updated with gr.skip()/gr.update() and keeps the old copy
-    in the session: the video view must send plain values."""
-    demo = launch(tiny_checkpoints["student"].parent)
-    client = Client(demo.local_url, verbose=False, download_files=False)
-    try:
-        for _ in range(3):
-            *_, summary = client.predict(handle_file(VALID_CLIP), 0.4, api_name="/analyse_video")
-            assert "Clip summary" in summary
-        (session,) = demo.server_app.state_holder.session_data.values()
-        assert len(session.blocks_config.blocks) == len(demo.blocks)  # with gr.skip(): one more per clip
-    finally:
-        client.close()
-        demo.close()
+def test_streamed_clips_do_not_grow_the_session_state(app_and_client):
+    """For an output updated with gr.skip()/gr.update(), Gradio 5.50 adds a rebuilt copy of
+    the component to the session and never frees it: the video view must send plain values."""
+    demo, client = app_and_client
+    for _ in range(3):
+        *_, summary = client.predict(handle_file(VALID_CLIP), 0.4, api_name="/analyse_video")
+        assert "Clip summary" in summary
+    (session,) = demo.server_app.state_holder.session_data.values()
+    assert len(session.blocks_config.blocks) == len(demo.blocks)  # with gr.skip(): 75 vs 67 after 3 clips
 
 
 def fake_task(done: bool) -> SimpleNamespace:
