@@ -11,11 +11,11 @@ import signal
 import sys
 from pathlib import Path
 
-from kdcore.upload_cache import use_private_upload_cache
+from kdcore.app.patches.upload_cache import use_private_upload_cache
 
 use_private_upload_cache()  # before Gradio is imported
 
-from kdcore.ui import AppSettings, build_demo, launch_options  # noqa: E402
+from kdcore.app.layout import AppSettings, build_demo, launch_options  # noqa: E402
 
 
 def parse_settings(argv: list[str]) -> AppSettings:

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, PRESETS, REPO_ROOT, get_preset, with_overrides
+from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, PRESETS, REPO_ROOT, Preset, Recipe, get_preset
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -34,9 +34,18 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="train even if files differ from manifest.csv / the split file",
     )
     p.add_argument("--subset", type=int, default=0, help="at most N images per split (smoke runs)")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs")
-    p.add_argument("--seed", type=int, help="override the seed")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs (same as --set epochs=N)")
+    p.add_argument("--seed", type=int, help="override the seed (same as --set seed=N)")
     p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override recipe values: training keys (lr=3e-4 kd_temperature=2 augment.hflip=false), "
+        "model.* (model.cnn_name=tf_efficientnet_lite2) and preprocess.* (preprocess.input_size=260)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher", help="train the hybrid teacher")
     _common(p)
     p.add_argument("--out", type=Path, default=Path("runs/offline/teacher"), help="checkpoint stem to write")
-    p.add_argument("--init-weights", help="local weights file for the CNN branch (safetensors or .pth)")
-    p.add_argument("--global-branch", choices=["feature_transformer", "vit"], help="override the transformer branch")
-    p.add_argument("--vit-name", help="timm ViT name when --global-branch vit")
+    p.add_argument("--init-weights", help="local weights file for the CNN branch (same as --set model.cnn_init=PATH)")
 
     for name, text in (
         ("student", "distil a student from a trained teacher"),
@@ -57,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _common(p)
         p.add_argument("--out", type=Path, default=Path(f"runs/offline/{name}"), help="checkpoint stem to write")
-        p.add_argument("--init-weights", help="local weights file for the student backbone")
+        p.add_argument("--init-weights", help="local weights file for the backbone (same as --set model.cnn_init=PATH)")
         p.add_argument("--extra", action="store_true", help="use the preset's extra student (EfficientNet-Lite0)")
         if name == "student":
             p.add_argument("--teacher", type=Path, default=Path("runs/offline/teacher"), help="teacher checkpoint")
@@ -95,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shorthand_settings(args: argparse.Namespace) -> list[str]:
+    """``--epochs``, ``--seed`` and ``--init-weights`` as the ``--set`` values they stand for."""
+    shorthands = {"epochs": "epochs", "seed": "seed", "init_weights": "model.cnn_init"}
+    given = [
+        f"{key}={json.dumps(getattr(args, name))}" for name, key in shorthands.items() if getattr(args, name, None)
+    ]
+    return given + list(args.settings)
+
+
+def command_recipe(preset: Preset, args: argparse.Namespace) -> Recipe:
+    """The preset's teacher, student or extra-student recipe with the command line's settings."""
+    if args.command == "teacher":
+        recipe = Recipe(preset.teacher, preset.teacher_preprocess, preset.teacher_train)
+    elif getattr(args, "extra", False):
+        if preset.extra_student is None:
+            raise ValueError(f"preset {preset.name!r} has no extra student")
+        train_cfg = preset.extra_student_train or preset.student_train
+        recipe = Recipe(preset.extra_student, preset.student_preprocess, train_cfg)
+    else:
+        recipe = Recipe(preset.student, preset.student_preprocess, preset.student_train)
+    return recipe.with_settings(shorthand_settings(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:  # its own parser (and --help) live in kdcore.export
@@ -102,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return export.main(argv[1:])
     args = build_parser().parse_args(argv)
-    from kdcore import protocol
     from kdcore.data import DataIntegrityError
+    from kdcore.experiment import protocol
 
     try:
         if args.command == "evaluate":
@@ -118,25 +148,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         preset = get_preset(args.preset)
         if args.command in ("all", "report"):
-            from kdcore import pipeline
+            from kdcore.experiment import pipeline
 
             run = pipeline.run_all if args.command == "all" else pipeline.write_reports
             run(preset, args)
             return 0
         data = protocol.load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
+        recipe = command_recipe(preset, args)
         if args.command == "teacher":
-            model_cfg = preset.teacher
-            overrides = {"cnn_init": args.init_weights, "global_branch": args.global_branch, "vit_name": args.vit_name}
-            model_cfg = type(model_cfg)(**{**model_cfg.__dict__, **{k: v for k, v in overrides.items() if v}})
-            train_cfg = with_overrides(preset.teacher_train, epochs=args.epochs, seed=args.seed)
-            path = protocol.train_teacher(model_cfg, preset.teacher_preprocess, train_cfg, data, args.out, args.resume)
+            path = protocol.train_teacher(recipe.model, recipe.preprocess, recipe.train, data, args.out, args.resume)
         else:
-            model_cfg = preset.extra_student if args.extra else preset.student
-            model_cfg = protocol.student_config_for(model_cfg, args.init_weights)
-            train_cfg = with_overrides(preset.student_train, epochs=args.epochs, seed=args.seed)
             teacher = args.teacher if args.command == "student" else None
             path = protocol.train_student(
-                model_cfg, preset.student_preprocess, train_cfg, data, args.out, teacher, args.resume
+                recipe.model, recipe.preprocess, recipe.train, data, args.out, teacher, args.resume
             )
         print(f"saved {path}")
         return 0

@@ -1,9 +1,10 @@
-"""Self-describing checkpoints: ``NAME.safetensors`` + ``NAME.json`` (model args, classes,
-preprocessing, training config, split hash, metrics, weights sha256)."""
+"""Self-describing checkpoints: ``NAME.safetensors`` + ``NAME.json``, read once into one typed
+record, ``CheckpointMeta``; nothing else looks into the raw JSON."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +12,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdcore.config import (
-    ModelConfig,
-    PreprocessConfig,
-    model_config_from_dict,
-    preprocess_config_from_dict,
-    to_dict,
-)
-from kdcore.data import sha256_file
+from kdcore.config import ModelConfig, PreprocessConfig, TrainConfig, train_config_from_dict
+from kdcore.hashing import sha256_file
 from kdcore.models import build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the KD temperature is ``training.kd_temperature`` (1: ``training.temperature``)
 
 
 class CheckpointError(RuntimeError):
@@ -35,16 +30,103 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def save_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    model_cfg: ModelConfig,
-    preprocess: PreprocessConfig,
-    class_names: tuple[str, ...],
-    extra: dict[str, Any] | None = None,
-    half: bool = False,
-) -> Path:
-    """Write weights (optionally fp16 storage) and the JSON config; return the weights path."""
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Everything a checkpoint says about itself besides its weights.
+
+    ``calibration_temperature`` divides the logits before the softmax (fitted on validation);
+    ``training.kd_temperature`` is the distillation temperature, a different thing.
+    """
+
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    class_names: tuple[str, ...]
+    weights_sha256: str = ""
+    role: str = ""
+    calibration_temperature: float = 1.0
+    calibration: dict[str, float] = field(default_factory=dict)  # validation ECE before / after
+    training: TrainConfig | None = None
+    split_sha256: str = ""
+    best_epoch: int = 0
+    validation: dict[str, float] = field(default_factory=dict)  # scores at the best epoch
+    history: tuple[dict[str, float], ...] = ()
+    teacher_weights_sha256: str = ""
+
+    @property
+    def architecture(self) -> str:
+        """Short human name, e.g. ``feature_transformer + tf_efficientnet_lite0``."""
+        branches = (self.model.global_branch, self.model.cnn_name)
+        return " + ".join(b for b in branches if b and b != "none")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "model_args": asdict(self.model),
+            "class_names": list(self.class_names),
+            "preprocess": asdict(self.preprocess),
+            "weights_sha256": self.weights_sha256,
+            "role": self.role,
+            "calibration": {"temperature": self.calibration_temperature, **self.calibration},
+            "training": asdict(self.training) if self.training else None,
+            "split_sha256": self.split_sha256,
+            "best_epoch": self.best_epoch,
+            "validation": self.validation,
+            "history": list(self.history),
+            "teacher_weights_sha256": self.teacher_weights_sha256,
+        }
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> CheckpointMeta:
+        calibration = dict(raw.get("calibration") or {})
+        training = raw.get("training")
+        if training and raw.get("format_version", 1) < 2:
+            training = {("kd_temperature" if k == "temperature" else k): v for k, v in training.items()}
+        return cls(
+            model=ModelConfig(**raw["model_args"]),
+            preprocess=PreprocessConfig(
+                input_size=int(raw["preprocess"]["input_size"]),
+                mean=tuple(raw["preprocess"]["mean"]),
+                std=tuple(raw["preprocess"]["std"]),
+            ),
+            class_names=tuple(raw["class_names"]),
+            weights_sha256=str(raw.get("weights_sha256", "")),
+            role=str(raw.get("role", "")),
+            calibration_temperature=float(calibration.pop("temperature", 1.0)),
+            calibration=calibration,
+            training=train_config_from_dict(training) if training else None,
+            split_sha256=str(raw.get("split_sha256", "")),
+            best_epoch=int(raw.get("best_epoch", 0)),
+            validation=dict(raw.get("validation") or {}),
+            history=tuple(raw.get("history") or ()),
+            teacher_weights_sha256=str(raw.get("teacher_weights_sha256", "")),
+        )
+
+    @classmethod
+    def read(cls, path: str | Path) -> CheckpointMeta:
+        """The record of ``NAME`` (``NAME.json``); ``CheckpointError`` naming the file otherwise."""
+        _, config_path = checkpoint_paths(path)
+        if not config_path.is_file():
+            raise CheckpointError(f"checkpoint config not found: {config_path}")
+        try:
+            raw = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config_path.name}: not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict) or "model_args" not in raw:
+            raise CheckpointError(f"{config_path.name}: not a kdcore checkpoint config")
+        try:
+            return cls.from_json(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{config_path.name}: malformed checkpoint config ({exc!r})") from exc
+
+    def best_validation_score(self, within_epochs: int = 0) -> tuple[float, float]:
+        """Best (val balanced accuracy, -val loss), optionally within the first epochs."""
+        rows = [h for h in self.history if not within_epochs or h["epoch"] <= within_epochs]
+        return max((h["val_balanced_accuracy"], -h["val_loss"]) for h in rows)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta, half: bool = False) -> Path:
+    """Write weights (optionally fp16 storage) and ``meta`` with their sha256; return the weights path."""
     weights_path, config_path = checkpoint_paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -52,51 +134,27 @@ def save_checkpoint(
         for k, v in model.state_dict().items()
     }
     save_file(state, str(weights_path))
-    config = {
-        "format_version": FORMAT_VERSION,
-        "model_args": to_dict(model_cfg),
-        "class_names": list(class_names),
-        "preprocess": to_dict(preprocess),
-        "weights_file": weights_path.name,
-        "weights_sha256": sha256_file(weights_path),
-        **(extra or {}),
-    }
-    config_path.write_text(json.dumps(config, indent=2))
+    meta = replace(meta, weights_sha256=sha256_file(weights_path))
+    config_path.write_text(json.dumps({**meta.to_json(), "weights_file": weights_path.name}, indent=2))
     return weights_path
 
 
-def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
-    _, config_path = checkpoint_paths(path)
-    if not config_path.is_file():
-        raise CheckpointError(f"checkpoint config not found: {config_path}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path.name}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(config, dict) or "model_args" not in config:
-        raise CheckpointError(f"{config_path.name}: not a kdcore checkpoint config")
-    return config
-
-
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model (eval mode, fp32) from weights + config; verify the sha256."""
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model (eval mode, fp32) from weights + record; verify the sha256."""
     weights_path, _ = checkpoint_paths(path)
-    config = read_checkpoint_config(path)
+    meta = CheckpointMeta.read(path)
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights_path}")
-    if sha256_file(weights_path) != config.get("weights_sha256"):
+    if sha256_file(weights_path) != meta.weights_sha256:
         raise CheckpointError(
             f"{weights_path.name}: sha256 does not match its config; the file was modified "
             "or belongs to another checkpoint"
         )
     try:
-        model_cfg = model_config_from_dict(config["model_args"])
-        preprocess = preprocess_config_from_dict(config["preprocess"])
         # Architecture only: the real weights come from the safetensors file below.
-        arch = ModelConfig(**{**to_dict(model_cfg), "cnn_init": "none", "vit_init": "none"})
-        model = build_model(arch, preprocess.input_size)
+        model = build_model(replace(meta.model, cnn_init="none", vit_init="none"), meta.preprocess.input_size)
         state = load_file(str(weights_path))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     except (SafetensorError, RuntimeError, TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{weights_path.name}: cannot be loaded ({exc})") from exc
-    return model.eval(), config
+    return model.eval(), meta

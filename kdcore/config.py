@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 CLASS_NAMES: tuple[str, ...] = ("benign", "malignant", "normal")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -13,6 +14,8 @@ HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 UNIT_MEAN = (0.0, 0.0, 0.0)
 UNIT_STD = (1.0, 1.0, 1.0)
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "busi"
@@ -79,7 +82,7 @@ class TrainConfig:
     class_weighting: bool = True
     label_smoothing: float = 0.0
     alpha: float = 0.5
-    temperature: float = 4.0
+    kd_temperature: float = 4.0  # distillation softening; not the calibration temperature
     views_per_image: int = 16
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     subset: int = 0  # >0: use at most this many images per split (smoke runs)
@@ -172,14 +175,72 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return asdict(obj)
 
 
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(**d)
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Inverse of ``to_dict`` for a ``TrainConfig`` (the augmentation is nested)."""
+    augment = d.get("augment")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "augment"}
+    if augment is not None:
+        values["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()})
+    return TrainConfig(**values)
 
 
-def preprocess_config_from_dict(d: dict[str, Any]) -> PreprocessConfig:
-    return PreprocessConfig(input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
-
-
-def with_overrides(cfg: TrainConfig, **overrides: Any) -> TrainConfig:
-    """Copy of ``cfg`` with the non-None overrides applied."""
+def with_overrides(cfg: T, **overrides: Any) -> T:
+    """Copy of a config dataclass with the non-None overrides applied."""
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training run's configuration: what to build, how to preprocess, how to train."""
+
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    train: TrainConfig
+
+    def with_settings(self, settings: list[str]) -> Recipe:
+        """``--set`` values: ``model.*`` and ``preprocess.*`` keys, anything else is training
+        (``lr=3e-4``, ``augment.hflip=false``, ``kd_temperature=2``)."""
+        groups = {f.name for f in fields(self)}
+        qualified = [s if s.split(".", 1)[0] in groups else f"train.{s}" for s in settings]
+        return apply_settings(self, qualified)
+
+
+def apply_settings(cfg: T, settings: list[str]) -> T:
+    """``["lr=3e-4", "augment.hflip=false", ...]`` applied to a (nested) config dataclass.
+
+    Values are parsed as JSON where they can be (numbers, booleans, lists), else kept as
+    strings; unknown keys raise ``ValueError`` naming the valid ones.
+    """
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {setting!r}")
+        cfg = _set_path(cfg, key.split("."), _parse_value(text))
+    return cfg
+
+
+def _set_path(cfg: T, path: list[str], value: Any) -> T:
+    names = {f.name: f for f in fields(cfg)}
+    if path[0] not in names:
+        raise ValueError(f"unknown setting {path[0]!r} for {type(cfg).__name__}; valid: {', '.join(sorted(names))}")
+    current = getattr(cfg, path[0])
+    if len(path) > 1:
+        if not is_dataclass(current):
+            raise ValueError(f"{path[0]!r} has no sub-settings")
+        return replace(cfg, **{path[0]: _set_path(current, path[1:], value)})
+    if is_dataclass(current):
+        raise ValueError(f"{path[0]!r} is a group; set one of its fields, e.g. {path[0]}.<name>=...")
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif current is not None and not isinstance(value, type(current)):
+        raise ValueError(f"{path[-1]}: expected {type(current).__name__}, got {value!r}")
+    return replace(cfg, **{path[0]: value})
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

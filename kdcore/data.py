@@ -4,7 +4,6 @@ folder datasets for evaluation, and in-memory image caches for training."""
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from kdcore.config import CLASS_NAMES
-from kdcore.imaging import IMAGE_SUFFIXES, read_grey_image
-from kdcore.transforms import Preprocess
+from kdcore.hashing import sha256_file
+from kdcore.imaging import IMAGE_SUFFIXES
+from kdcore.transforms import resize_grey
 
 # pHash Hamming distance at or below which two BUSI images are the same scene.
 # Chosen from the measured nearest-neighbour distribution (splits/README.md): twins
@@ -39,14 +39,6 @@ class ImageRecord:
     group: str = ""
     split: str = ""
     masks: tuple[str, ...] = ()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(root: Path) -> list[ImageRecord]:
@@ -239,14 +231,9 @@ def folder_records(root: Path) -> list[ImageRecord]:
     return records
 
 
-def load_resized(root: Path, records: list[ImageRecord], preprocess: Preprocess) -> torch.Tensor:
-    """(N, 1, S, S) uint8 cache of the deterministic, resized grey images."""
-    return torch.stack(
-        [
-            preprocess.resize(read_grey_image(Path(root) / r.file))
-            for r in tqdm(records, desc="loading images", leave=False)
-        ]
-    )
+def resize_all(greys: list[np.ndarray], size: int) -> torch.Tensor:
+    """(N, 1, size, size) uint8 cache of grey images, resized as ``Preprocess.resize`` does."""
+    return torch.stack([torch.from_numpy(resize_grey(g, size)).unsqueeze(0) for g in greys])
 
 
 def label_indices(records: list[ImageRecord]) -> torch.Tensor:

@@ -9,12 +9,12 @@ from torch import nn
 from kdcore.models import set_train_mode
 
 
-def kd_kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kd_temperature: float) -> torch.Tensor:
     """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), averaged over the batch (``batchmean``)."""
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_student = F.log_softmax(student_logits / kd_temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / kd_temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return temperature**2 * kl
+    return kd_temperature**2 * kl
 
 
 def kd_loss(
@@ -22,7 +22,7 @@ def kd_loss(
     teacher_logits: torch.Tensor | None,
     targets: torch.Tensor,
     alpha: float = 0.5,
-    temperature: float = 4.0,
+    kd_temperature: float = 4.0,
     class_weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
@@ -33,7 +33,7 @@ def kd_loss(
     ce = F.cross_entropy(student_logits, targets, weight=class_weights, label_smoothing=label_smoothing)
     if teacher_logits is None:
         return {"loss": ce, "ce": ce.detach(), "kd": torch.zeros(())}
-    kd = kd_kl_term(student_logits, teacher_logits, temperature)
+    kd = kd_kl_term(student_logits, teacher_logits, kd_temperature)
     return {"loss": alpha * ce + (1 - alpha) * kd, "ce": ce.detach(), "kd": kd.detach()}
 
 
@@ -49,7 +49,7 @@ class Distiller(nn.Module):
         student: nn.Module,
         teacher: nn.Module | None,
         alpha: float,
-        temperature: float,
+        kd_temperature: float,
         class_weights: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
@@ -61,7 +61,7 @@ class Distiller(nn.Module):
             for p in teacher.parameters():
                 p.requires_grad_(False)
         self.alpha = alpha
-        self.temperature = temperature
+        self.kd_temperature = kd_temperature
         self.label_smoothing = label_smoothing
         self.register_buffer("class_weights", class_weights, persistent=False)
 
@@ -77,12 +77,11 @@ class Distiller(nn.Module):
         images: torch.Tensor,
         targets: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
-        teacher_images: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         logits = self.student(images)
         if teacher_logits is None and self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(images if teacher_images is None else teacher_images)
+                teacher_logits = self.teacher(images)
         return kd_loss(
-            logits, teacher_logits, targets, self.alpha, self.temperature, self.class_weights, self.label_smoothing
+            logits, teacher_logits, targets, self.alpha, self.kd_temperature, self.class_weights, self.label_smoothing
         )

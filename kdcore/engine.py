@@ -149,7 +149,7 @@ def fit(
     seed_everything(cfg.seed)
     model.to(memory_format=torch.channels_last)
     weights = class_weights_for(train_labels) if cfg.class_weighting else None
-    distiller = Distiller(model, None, cfg.alpha, cfg.temperature, weights, cfg.label_smoothing)
+    distiller = Distiller(model, None, cfg.alpha, cfg.kd_temperature, weights, cfg.label_smoothing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)

@@ -1,24 +1,17 @@
-"""ONNX export of a student with its Grad-CAM as a second output, INT8 static quantisation,
-and the onnxruntime predictor.
+"""ONNX export of a student (its Grad-CAM as a second output) and INT8 static quantisation,
+with the parity and accuracy checks of both graphs.
 
-python -m kdcore.export --checkpoint checkpoints/student            # NAME.onnx + NAME.int8.onnx
-python -m kdcore.export --checkpoint checkpoints/student --accuracy  # + test accuracy fp32 vs INT8
-
-The graph takes the resized grey image, (B, 1, S, S) uint8 as ``Preprocess.resize`` makes it,
-and applies ``Preprocess.normalize`` inside (traced from the same code, so the ONNX and PyTorch
-paths share one preprocessing); it returns ``logits`` (B, C) and ``cam`` (B, S, S), the
-Grad-CAM of the predicted class (see ``forward_cam``). No float work is left outside the graph.
+python train.py export --checkpoint checkpoints/student            # NAME.onnx + NAME.int8.onnx
+python train.py export --checkpoint checkpoints/student --accuracy  # + test accuracy fp32 vs INT8
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,123 +23,23 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch import nn
 
-from kdcore.checkpoint import checkpoint_paths, load_checkpoint, read_checkpoint_config
-from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, preprocess_config_from_dict
+from kdcore.cam import ResizedGreyCam
+from kdcore.checkpoint import CheckpointMeta, load_checkpoint
+from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE
 from kdcore.data import read_split_file
-from kdcore.forward_cam import ResizedGreyCam
 from kdcore.imaging import read_grey_image
-from kdcore.inference import Prediction, Predictor
+from kdcore.inference import Predictor
 from kdcore.metrics import evaluate_predictions
+from kdcore.onnx_runtime import INPUT_NAME, OUTPUT_NAMES, export_onnx, load_onnx_predictor, onnx_paths, onnx_session
 from kdcore.transforms import Preprocess
-
-ONNX_OPSET = 17
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "cam")
-WEIGHTS_SHA256_KEY = "kdcore_weights_sha256"  # ONNX metadata: which checkpoint weights were exported
-
-
-def onnx_paths(checkpoint: str | Path) -> tuple[Path, Path]:
-    """(fp32, int8) ONNX paths next to a checkpoint: ``NAME.onnx`` and ``NAME.int8.onnx``."""
-    stem = checkpoint_paths(checkpoint)[0].with_suffix("")
-    return stem.with_suffix(".onnx"), stem.with_suffix(".int8.onnx")
-
-
-def export_onnx(model: nn.Module, config: dict[str, Any]) -> onnx.ModelProto:
-    """(logits, cam) graph of a GAP-first student, with a dynamic batch axis."""
-    preprocess = preprocess_from_config(config)
-    size = preprocess.cfg.input_size
-    buffer = io.BytesIO()
-    # The TorchScript exporter needs no onnxscript and keeps the graph small and static.
-    torch.onnx.export(
-        ResizedGreyCam(model, preprocess).eval(),
-        (torch.zeros(1, 1, size, size, dtype=torch.uint8),),
-        buffer,
-        dynamo=False,
-        opset_version=ONNX_OPSET,
-        input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-    )
-    proto = onnx.load_from_string(buffer.getvalue())
-    metadata = {
-        WEIGHTS_SHA256_KEY: str(config.get("weights_sha256", "")),
-        "class_names": json.dumps(list(config["class_names"])),
-        "preprocess": json.dumps(config["preprocess"]),
-    }
-    onnx.helper.set_model_props(proto, metadata)
-    onnx.checker.check_model(proto)
-    return proto
-
-
-def onnx_weights_sha256(path: str | Path) -> str:
-    """The checkpoint weights hash recorded in an exported graph ('' if none)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    return next((p.value for p in proto.metadata_props if p.key == WEIGHTS_SHA256_KEY), "")
-
-
-def onnx_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """CPU session; ``threads`` sets intra-op threads (None: onnxruntime's default)."""
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def preprocess_from_config(config: dict[str, Any]) -> Preprocess:
-    return Preprocess(preprocess_config_from_dict(config["preprocess"]))
-
-
-class OnnxRuntimeModule(nn.Module):
-    """A session behind the ``nn.Module`` call interface: resized uint8 batch -> logits."""
-
-    def __init__(self, session: ort.InferenceSession) -> None:
-        super().__init__()
-        self.session = session
-
-    def forward(self, small: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: small.numpy()})
-        return torch.from_numpy(logits)
-
-    def logits_and_cam(self, small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, cam = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: small})
-        return logits, cam
-
-
-class OnnxPredictor(Predictor):
-    """``Predictor`` served by onnxruntime: only the resize happens outside the graph."""
-
-    def __init__(self, session: ort.InferenceSession, config: dict[str, Any], name: str = "model") -> None:
-        super().__init__(OnnxRuntimeModule(session), config, name)
-
-    def predict(self, grey: np.ndarray) -> Prediction:
-        started = time.perf_counter()
-        logits = self.model(self.preprocess.resize(grey).unsqueeze(0))
-        return self.prediction_from_logits(logits, (time.perf_counter() - started) * 1000)
-
-    def logits_for(self, greys: list[np.ndarray], batch_size: int = 32) -> torch.Tensor:
-        chunks = [
-            self.model(torch.stack([self.preprocess.resize(g) for g in greys[i : i + batch_size]]))
-            for i in range(0, len(greys), batch_size)
-        ]
-        return torch.cat(chunks)
-
-
-def load_onnx_predictor(checkpoint: str | Path, onnx_path: str | Path, threads: int | None = None) -> OnnxPredictor:
-    """The ``Predictor`` interface (predict, logits_for, probabilities) on an exported graph.
-
-    ``checkpoint`` provides the class names, preprocessing and calibrated temperature.
-    """
-    config = read_checkpoint_config(checkpoint)
-    return OnnxPredictor(onnx_session(onnx_path, threads), config, name=Path(onnx_path).name)
 
 
 def max_abs_differences(
-    model: nn.Module, config: dict[str, Any], session: ort.InferenceSession, small: torch.Tensor
+    model: nn.Module, meta: CheckpointMeta, session: ort.InferenceSession, small: torch.Tensor
 ) -> dict[str, float]:
     """Largest |PyTorch - ONNX| over a resized uint8 batch, for the logits and the CAM."""
     with torch.inference_mode():
-        expected = ResizedGreyCam(model, preprocess_from_config(config))(small)
+        expected = ResizedGreyCam(model, Preprocess(meta.preprocess))(small)
     actual = session.run(list(OUTPUT_NAMES), {INPUT_NAME: small.numpy()})
     return {name: float(np.abs(want.numpy() - got).max()) for name, want, got in zip(OUTPUT_NAMES, expected, actual)}
 
@@ -254,23 +147,23 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Write NAME.onnx (+ NAME.int8.onnx) next to the checkpoint (or into ``out_dir``); report
     sizes and the largest PyTorch-vs-ONNX differences on the calibration images."""
-    model, config = load_checkpoint(checkpoint)
+    model, meta = load_checkpoint(checkpoint)
     fp32_path, int8_path = onnx_paths(checkpoint if out_dir is None else Path(out_dir) / Path(checkpoint).name)
     fp32_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(export_onnx(model, config), str(fp32_path))
-    preprocess = preprocess_from_config(config)
+    onnx.save(export_onnx(model, meta), str(fp32_path))
+    preprocess = Preprocess(meta.preprocess)
     small = torch.stack([preprocess.resize(g) for g in calibration_greys[:16]])
     report: dict[str, Any] = {
         "onnx": str(fp32_path),
         "onnx_mb": round(file_mb(fp32_path), 3),
-        "max_abs_diff_fp32": max_abs_differences(model, config, onnx_session(fp32_path), small),
+        "max_abs_diff_fp32": max_abs_differences(model, meta, onnx_session(fp32_path), small),
     }
     if int8:
         quantize_int8(fp32_path, int8_path, ResizedCalibrationImages(calibration_greys, preprocess))
         report |= {
             "int8_onnx": str(int8_path),
             "int8_onnx_mb": round(file_mb(int8_path), 3),
-            "max_abs_diff_int8": max_abs_differences(model, config, onnx_session(int8_path), small),
+            "max_abs_diff_int8": max_abs_differences(model, meta, onnx_session(int8_path), small),
             "calibration_images": len(calibration_greys),
         }
     return report
@@ -290,7 +183,7 @@ def int8_accuracy(checkpoint: Path, data_dir: Path, split_file: Path) -> dict[st
     fp32_path, int8_path = onnx_paths(checkpoint)
     for path in (fp32_path, int8_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `python -m kdcore.export --checkpoint {checkpoint}` first")
+            raise FileNotFoundError(f"{path} not found: run `python train.py export --checkpoint {checkpoint}` first")
     scores = {
         name: score_predictor(load_onnx_predictor(checkpoint, path), greys, labels)
         for name, path in (("fp32", fp32_path), ("int8", int8_path))

@@ -6,6 +6,7 @@ import io
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -45,14 +46,27 @@ def _read_dicom(data: bytes, name: str) -> np.ndarray:
     return grey_from_array(pixels.astype(np.float64), name)
 
 
-def grey_from_array(pixels: np.ndarray, name: str = "image") -> np.ndarray:
-    """Any 2-D grey or HxWx3/4 colour array (any bit depth) -> HxW uint8."""
+def grey_from_array(pixels: np.ndarray, name: str = "image", channel_order: str = "RGB") -> np.ndarray:
+    """THE grey conversion, for every path (uploads, training, live frames, video frames).
+
+    Any 2-D grey or HxWx3/4 colour array -> HxW uint8. 8-bit colour uses ITU-R 601 luma
+    (OpenCV's fixed-point ``cvtColor``) in the given ``channel_order`` ("RGB", or "BGR" for
+    OpenCV frames) and is never rescaled; deeper or float data (16-bit TIFF, DICOM) is mapped
+    from its own min..max to 0..255.
+    """
+    if channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
     if pixels.ndim == 3:
         if pixels.shape[-1] == 4:
             pixels = pixels[..., :3]
         if pixels.shape[-1] != 3:
             raise ImageReadError(f"{name}: unsupported channel count {pixels.shape[-1]}.")
-        pixels = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        if pixels.dtype == np.uint8:
+            code = cv2.COLOR_RGB2GRAY if channel_order == "RGB" else cv2.COLOR_BGR2GRAY
+            pixels = cv2.cvtColor(np.ascontiguousarray(pixels), code)
+        else:
+            weights = np.array([0.299, 0.587, 0.114])
+            pixels = pixels.astype(np.float64) @ (weights if channel_order == "RGB" else weights[::-1])
     if pixels.ndim != 2:
         raise ImageReadError(f"{name}: expected a 2-D image, got shape {pixels.shape}.")
     _check_geometry(pixels.shape[1], pixels.shape[0], name)
@@ -65,8 +79,13 @@ def grey_from_array(pixels: np.ndarray, name: str = "image") -> np.ndarray:
     return ((pixels - lo) * scale).round().astype(np.uint8)
 
 
+def grey_from_bgr(frame: np.ndarray, name: str = "frame") -> np.ndarray:
+    """An OpenCV (camera or video) frame -> HxW uint8, by the same conversion as uploads."""
+    return grey_from_array(frame, name, channel_order="BGR")
+
+
 def grey_from_pil(img: Image.Image, name: str = "image") -> np.ndarray:
-    """PIL image of any mode -> upright HxW uint8 grey array."""
+    """PIL image of any mode -> upright HxW uint8 grey array (via ``grey_from_array``)."""
     _check_geometry(img.width, img.height, name)
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -76,7 +95,9 @@ def grey_from_pil(img: Image.Image, name: str = "image") -> np.ndarray:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img.convert("L"), dtype=np.uint8)
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.uint8).copy()
+    return grey_from_array(np.asarray(img.convert("RGB"), dtype=np.uint8), name)
 
 
 def read_grey_image(source: str | Path | bytes, name: str | None = None) -> np.ndarray:

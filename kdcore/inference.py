@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdcore.checkpoint import load_checkpoint
-from kdcore.config import preprocess_config_from_dict
+from kdcore.checkpoint import CheckpointMeta, load_checkpoint
 from kdcore.transforms import Preprocess
 
 
@@ -27,18 +26,18 @@ class Prediction:
 
 
 class Predictor:
-    """A model with its own preprocessing, class names and fitted temperature."""
+    """A model with its checkpoint record: preprocessing, class names, calibration temperature."""
 
-    def __init__(self, model: nn.Module, config: dict[str, Any], name: str = "model") -> None:
+    def __init__(self, model: nn.Module, meta: CheckpointMeta, name: str = "model") -> None:
         self.model = model.eval()
-        self.config = config
+        self.meta = meta
         self.name = name
-        self.class_names: tuple[str, ...] = tuple(config["class_names"])
-        self.preprocess = Preprocess(preprocess_config_from_dict(config["preprocess"]))
-        self.temperature = float(config.get("calibration", {}).get("temperature", 1.0))
+        self.class_names: tuple[str, ...] = meta.class_names
+        self.preprocess = Preprocess(meta.preprocess)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits / self.temperature, dim=-1)
+        """Calibrated probabilities: softmax of the logits over the fitted temperature."""
+        return torch.softmax(logits / self.meta.calibration_temperature, dim=-1)
 
     def prediction_from_logits(self, logits: torch.Tensor, latency_ms: float) -> Prediction:
         probs = self.probabilities(logits.reshape(-1)).tolist()
@@ -64,5 +63,5 @@ class Predictor:
 
 def load_predictor(path: str | Path) -> Predictor:
     """Rebuild a predictor from ``NAME.safetensors`` + ``NAME.json`` alone."""
-    model, config = load_checkpoint(path)
-    return Predictor(model, config, name=Path(path).with_suffix("").name)
+    model, meta = load_checkpoint(path)
+    return Predictor(model, meta, name=Path(path).with_suffix("").name)

@@ -3,6 +3,7 @@ concatenated into an MLP head) and student builders, by timm names."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,62 +144,82 @@ class FeatureMapTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.num_features = dim
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, feature_map: torch.Tensor) -> torch.Tensor:
         tokens = self.proj(feature_map).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
         return self.norm(self.encoder(tokens + self.pos_embed))[:, 0]
 
 
-class HybridTeacher(nn.Module):
-    """[CLS] of a transformer branch ++ pooled CNN feature -> Linear-BN-GELU-Dropout-Linear.
+class VitBranch(nn.Module):
+    """Global branch: a timm ViT on the image, normalised with its own statistics; returns [CLS]."""
 
-    Input is a [0, 1] image; each branch normalises it with its own mean/std.
+    def __init__(self, name: str, init: str) -> None:
+        super().__init__()
+        self.model = create_backbone(name, init, num_classes=0)
+        self.norm = Normalize(self.model.pretrained_cfg["mean"], self.model.pretrained_cfg["std"])
+        self.num_features = self.model.num_features
+
+    def forward(self, image: torch.Tensor, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.model(self.norm(image))
+
+
+def _feature_side(cnn: nn.Module, input_size: int) -> int:
+    with torch.no_grad():
+        cnn.eval()
+        side = cnn.forward_features(torch.zeros(1, 3, input_size, input_size)).shape[-1]
+        cnn.train()
+    return side
+
+
+GLOBAL_BRANCHES: dict[str, Callable[[ModelConfig, nn.Module, int], nn.Module]] = {
+    "feature_transformer": lambda cfg, cnn, size: FeatureMapTransformer(
+        cnn.num_features,
+        cfg.transformer_dim,
+        cfg.transformer_depth,
+        cfg.transformer_heads,
+        tokens=_feature_side(cnn, size) ** 2,
+    ),
+    "vit": lambda cfg, cnn, size: VitBranch(cfg.vit_name, cfg.vit_init),
+}
+
+
+class HybridTeacher(nn.Module):
+    """[CLS] of a global branch ++ pooled CNN feature -> Linear-BN-GELU-Dropout-Linear.
+
+    timm's interface: ``forward_features`` gives the concatenated pre-head vector,
+    ``forward_head`` the logits, ``cam_layer`` the CNN map Grad-CAM explains. Input is a
+    [0, 1] image; each branch normalises it with its own mean/std.
     """
 
     def __init__(self, cfg: ModelConfig, input_size: int = 224) -> None:
         super().__init__()
+        if cfg.global_branch not in GLOBAL_BRANCHES:
+            raise ValueError(f"unknown global_branch {cfg.global_branch!r}; choose one of {sorted(GLOBAL_BRANCHES)}")
         self.cnn = create_backbone(cfg.cnn_name, cfg.cnn_init, num_classes=0)
         self.cnn_norm = Normalize(self.cnn.pretrained_cfg["mean"], self.cnn.pretrained_cfg["std"])
-        if cfg.global_branch == "vit":
-            self.vit = create_backbone(cfg.vit_name, cfg.vit_init, num_classes=0)
-            self.vit_norm = Normalize(self.vit.pretrained_cfg["mean"], self.vit.pretrained_cfg["std"])
-            global_dim = self.vit.num_features
-        elif cfg.global_branch == "feature_transformer":
-            side = self._feature_side(input_size)
-            self.vit = FeatureMapTransformer(
-                self.cnn.num_features,
-                cfg.transformer_dim,
-                cfg.transformer_depth,
-                cfg.transformer_heads,
-                tokens=side * side,
-            )
-            global_dim = cfg.transformer_dim
-        else:
-            raise ValueError(f"unknown global_branch {cfg.global_branch!r}")
-        self.global_branch = cfg.global_branch
+        self.vit = GLOBAL_BRANCHES[cfg.global_branch](cfg, self.cnn, input_size)
         self.head = nn.Sequential(
-            nn.Linear(global_dim + pooled_dim(self.cnn), cfg.head_hidden),
+            nn.Linear(self.vit.num_features + pooled_dim(self.cnn), cfg.head_hidden),
             nn.BatchNorm1d(cfg.head_hidden),
             nn.GELU(),
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.head_hidden, cfg.num_classes),
         )
 
-    def _feature_side(self, input_size: int) -> int:
-        with torch.no_grad():
-            self.cnn.eval()
-            side = self.cnn.forward_features(torch.zeros(1, 3, input_size, input_size)).shape[-1]
-            self.cnn.train()
-        return side
+    @property
+    def cam_layer(self) -> nn.Module:
+        return cam_target_layer(self.cnn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         feature_map = self.cnn.forward_features(self.cnn_norm(x))
         local = self.cnn.forward_head(feature_map, pre_logits=True)
-        if self.global_branch == "vit":
-            global_feature = self.vit(self.vit_norm(x))
-        else:
-            global_feature = self.vit(feature_map)
-        return self.head(torch.cat([global_feature, local], dim=1))
+        return torch.cat([self.vit(x, feature_map), local], dim=1)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return features if pre_logits else self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def frozen_modules(cnn: nn.Module, blocks: int) -> list[nn.Module]:
@@ -236,14 +257,20 @@ def build_model(cfg: ModelConfig, input_size: int = 224) -> nn.Module:
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 
+# Where each timm CNN family's ``forward_features`` ends: the map Grad-CAM explains.
+CAM_LAYERS: dict[type, Callable[[nn.Module], nn.Module]] = {
+    EfficientNet: lambda cnn: cnn.bn2,  # conv_head -> bn2 (+act) is EfficientNet's final map
+    MobileNetV3: lambda cnn: cnn.blocks[-1],  # MobileNetV3 pools *before* its conv_head
+}
+
+
 def cam_target_layer(model: nn.Module) -> nn.Module:
     """The last convolutional map: where Grad-CAM looks, for teacher and students alike."""
-    cnn = model.cnn if isinstance(model, HybridTeacher) else model
-    if isinstance(cnn, EfficientNet):
-        return cnn.bn2  # conv_head -> bn2 (+act) is EfficientNet's final map
-    if isinstance(cnn, MobileNetV3):
-        return cnn.blocks[-1]  # MobileNetV3 pools *before* its conv_head
-    return cnn.stages[-1] if hasattr(cnn, "stages") else cnn.blocks[-1]
+    if hasattr(model, "cam_layer"):
+        return model.cam_layer
+    if type(model) not in CAM_LAYERS:
+        raise ValueError(f"{type(model).__name__}: no Grad-CAM layer known; add it to CAM_LAYERS")
+    return CAM_LAYERS[type(model)](model)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,6 +1,6 @@
 """Bounded load test of the app on loopback (issue 7).
 
-python scripts/load_test.py --clients 8 --calls 200 --out reports/load_test.json
+python -m scripts.load_test --clients 8 --calls 200 --out reports/load_test.json
 
 Launches the app in a child process on 127.0.0.1 (a free port), runs CLIENTS gradio_client
 clients x CALLS /predict calls from this process plus /analyse_video streaming sessions
@@ -16,16 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from kdcore.upload_cache import use_private_upload_cache  # noqa: E402
+from kdcore.app.patches.upload_cache import use_private_upload_cache
 
 use_private_upload_cache()  # before Gradio is imported; the app's child process inherits it
 
-from kdcore.loadtest import AppProcess, free_local_port, machine_note, run_load_test  # noqa: E402
-from kdcore.service import DEFAULT_CHECKPOINT_DIR  # noqa: E402
-from kdcore.ui import AppSettings  # noqa: E402
+from kdcore.app.layout import AppSettings  # noqa: E402
+from kdcore.app.service import DEFAULT_CHECKPOINT_DIR  # noqa: E402
+from kdcore.config import REPO_ROOT  # noqa: E402
+from scripts.loadtest import AppProcess, free_local_port, machine_note, run_load_test  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="/predict calls per client (default: %(default)s)")
     parser.add_argument("--warmup-calls", type=int, help="warm-up calls per client (default: calls / 8, at least 2)")
     parser.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINT_DIR)
-    parser.add_argument("--image", type=Path, default=ROOT / "assets" / "phantom_round_lesion.png")
-    parser.add_argument("--clip", type=Path, default=ROOT / "assets" / "phantom_sweep.mp4")
+    parser.add_argument("--image", type=Path, default=REPO_ROOT / "assets" / "phantom_round_lesion.png")
+    parser.add_argument("--clip", type=Path, default=REPO_ROOT / "assets" / "phantom_sweep.mp4")
     parser.add_argument("--no-stream", action="store_true", help="skip the /analyse_video streaming sessions")
     parser.add_argument("--out", type=Path, help="JSON report to write")
     args = parser.parse_args(argv)

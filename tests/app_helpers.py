@@ -6,8 +6,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from kdcore.loadtest import free_local_port as free_port
-from kdcore.ui import AppSettings, launch_in_background
+from kdcore.app.layout import AppSettings, launch_in_background
+from scripts.loadtest import free_local_port as free_port
 
 __all__ = ["free_port", "launch"]
 

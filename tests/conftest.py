@@ -9,9 +9,9 @@ import pytest
 import torch
 from tiny_models import TINY_TEACHER
 
-from kdcore.checkpoint import save_checkpoint
+from kdcore.app.patches.upload_cache import use_private_upload_cache
+from kdcore.checkpoint import CheckpointMeta, save_checkpoint
 from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, OFFLINE
-from kdcore.upload_cache import use_private_upload_cache
 
 BUSI = DEFAULT_DATA_DIR
 needs_busi = pytest.mark.skipif(not (BUSI / "manifest.csv").is_file(), reason="BUSI not available")
@@ -59,9 +59,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         ("student", OFFLINE.student, OFFLINE.student_preprocess),
     ):
         model = build_model(cfg).eval()
-        paths[name] = save_checkpoint(
-            folder / name, model, cfg, preprocess, CLASS_NAMES, extra={"role": name, "metrics": {}}
-        )
+        paths[name] = save_checkpoint(folder / name, model, CheckpointMeta(cfg, preprocess, CLASS_NAMES, role=name))
     return paths
 
 

@@ -11,8 +11,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from kdcore.app.layout import AppSettings, launch_options
 from kdcore.config import CLASS_NAMES
-from kdcore.ui import AppSettings, launch_options
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

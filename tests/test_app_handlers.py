@@ -9,26 +9,26 @@ import cv2
 import numpy as np
 import pytest
 
-from kdcore.about import about_markdown
-from kdcore.config import CLASS_NAMES
-from kdcore.explain import encode_jpeg
-from kdcore.live import load_cam_predictor
-from kdcore.live_session import (
+from kdcore.app.about import about_markdown
+from kdcore.app.live_session import (
     STATUS_BAR_HEIGHT,
     FrameRateMeter,
     LiveSession,
     ProbabilitySmoother,
     RegionOfInterest,
 )
-from kdcore.phantom import EXAMPLE_PHANTOMS, speckle_phantom
-from kdcore.service import ImageAnalysis, analyse_image, load_models
-from kdcore.video import (
+from kdcore.app.phantom import EXAMPLE_PHANTOMS, speckle_phantom
+from kdcore.app.service import ImageAnalysis, analyse_image, load_models
+from kdcore.app.video import (
     VideoReadError,
     analyse_clip,
     clip_summary_markdown,
     probe_clip,
     timeline_table,
 )
+from kdcore.cam_predictor import load_cam_predictor
+from kdcore.config import CLASS_NAMES
+from kdcore.overlay import encode_jpeg
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -53,7 +53,7 @@ def test_load_models_reports_missing_and_broken_without_server_paths(tmp_path, t
         shutil.copy(tiny_checkpoints["student"].with_suffix(suffix), tmp_path / f"student{suffix}")
     (tmp_path / "student.safetensors").write_bytes(b"not weights")
     models = load_models(tmp_path)
-    assert models.predictors == {} and models.student_cam is None
+    assert models.cams == {} and models.student_cam is None
     assert any(p.startswith("teacher:") and "not found" in p for p in models.problems)
     assert any(p.startswith("student:") and "broken" in p for p in models.problems)
     assert str(tmp_path) not in models.status_markdown
@@ -62,7 +62,7 @@ def test_load_models_reports_missing_and_broken_without_server_paths(tmp_path, t
 
 
 def test_load_models_all_present(models):
-    assert set(models.predictors) == {"teacher", "student"}
+    assert set(models.cams) == {"teacher", "student"}
     assert models.problems == [] and models.status_markdown == ""
     assert "Research demo" in about_markdown(models)
 
@@ -85,9 +85,9 @@ def test_analyse_image_json_shape_and_overlays(models, speckle_image):
 def test_concurrent_grad_cams_match_serial_and_release_hooks(models, speckle_image):
     from concurrent.futures import ThreadPoolExecutor
 
-    from kdcore.explain import grad_cam
+    from kdcore.cam import grad_cam
 
-    predictor = models.predictors["student"]
+    predictor = models.cams["teacher"].predictor
     images = [np.roll(speckle_image, shift, axis=1) for shift in (0, 60, 120, 180)]
     serial = [grad_cam(predictor, image) for image in images]
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -181,9 +181,9 @@ def test_analyse_clip_timeline_and_summary(cam_predictor):
 
 
 def test_long_clip_is_capped(tmp_path, monkeypatch):
-    import kdcore.video
+    import kdcore.app.video
 
-    monkeypatch.setattr(kdcore.video, "MAX_CLIP_SECONDS", 1.0)
+    monkeypatch.setattr(kdcore.app.video, "MAX_CLIP_SECONDS", 1.0)
     info = probe_clip(ASSETS / "phantom_sweep.mp4")
     assert info.capped and info.frames_to_analyse == 10
     assert "first 1 s" in info.cap_message

@@ -1,10 +1,10 @@
-"""``python -m kdcore.benchmark --quick`` writes the JSON rows and the Markdown table."""
+"""``python -m kdcore.experiment.benchmark --quick`` writes the JSON rows and the Markdown table."""
 
 from __future__ import annotations
 
 import json
 
-import kdcore.benchmark as benchmark
+import kdcore.experiment.benchmark as benchmark
 from kdcore.checkpoint import load_checkpoint
 
 ROW_KEYS = {"name", "size_mb", "params", "median_ms", "p90_ms", "fps"}

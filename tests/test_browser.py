@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from app_helpers import free_port, launch
 
+from kdcore.app.live_session import LiveSession, RegionOfInterest
+from kdcore.cam_predictor import load_cam_predictor
 from kdcore.config import CLASS_NAMES, REPO_ROOT
-from kdcore.live import load_cam_predictor
-from kdcore.live_session import LiveSession, RegionOfInterest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CLIP_FRAMES = REPO_ROOT.parent / "shared" / "data" / "breast_usv" / "BR001"

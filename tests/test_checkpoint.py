@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import TINY_STUDENT, TINY_TEACHER
 
-from kdcore.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from kdcore.checkpoint import CheckpointError, CheckpointMeta, checkpoint_paths, load_checkpoint, save_checkpoint
 from kdcore.config import CLASS_NAMES, OFFLINE, PreprocessConfig
 from kdcore.inference import load_predictor
 from kdcore.models import WeightsError, build_model, read_state_dict
@@ -32,7 +32,7 @@ def test_save_then_load_predictor_gives_identical_logits(tmp_path, cfg, speckle_
     torch.manual_seed(0)
     model = _trained_looking(build_model(cfg, SIZE))
     preprocess = PreprocessConfig(input_size=SIZE)
-    weights = save_checkpoint(tmp_path / "m", model, cfg, preprocess, CLASS_NAMES, extra={"role": "x"})
+    weights = save_checkpoint(tmp_path / "m", model, CheckpointMeta(cfg, preprocess, CLASS_NAMES, role="x"))
     assert weights == tmp_path / "m.safetensors" and (tmp_path / "m.json").is_file()
 
     predictor = load_predictor(weights)  # rebuilt from the two files alone
@@ -55,7 +55,7 @@ def test_save_then_load_predictor_gives_identical_logits(tmp_path, cfg, speckle_
 
 def test_config_describes_the_model(tmp_path):
     model = build_model(TINY_STUDENT, SIZE).eval()
-    save_checkpoint(tmp_path / "m", model, TINY_STUDENT, OFFLINE.student_preprocess, CLASS_NAMES, extra={"metrics": {}})
+    save_checkpoint(tmp_path / "m", model, CheckpointMeta(TINY_STUDENT, OFFLINE.student_preprocess, CLASS_NAMES))
     config = json.loads((tmp_path / "m.json").read_text())
     assert config["model_args"]["cnn_name"] == "mobilenetv3_small_050"
     assert config["class_names"] == list(CLASS_NAMES)
@@ -68,8 +68,12 @@ def test_config_describes_the_model(tmp_path):
 def test_fp16_storage_loads_as_fp32(tmp_path):
     torch.manual_seed(0)
     model = _trained_looking(build_model(TINY_STUDENT, SIZE))
-    save_checkpoint(tmp_path / "h", model, TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES, half=True)
-    full = save_checkpoint(tmp_path / "f", model, TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
+    save_checkpoint(
+        tmp_path / "h", model, CheckpointMeta(TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES), half=True
+    )
+    full = save_checkpoint(
+        tmp_path / "f", model, CheckpointMeta(TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
+    )
     with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert torch.float16 in dtypes and torch.float32 not in dtypes
@@ -88,7 +92,9 @@ def test_fp16_storage_loads_as_fp32(tmp_path):
 @pytest.fixture()
 def saved(tmp_path):
     model = build_model(TINY_STUDENT, SIZE).eval()
-    return save_checkpoint(tmp_path / "m", model, TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
+    return save_checkpoint(
+        tmp_path / "m", model, CheckpointMeta(TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES)
+    )
 
 
 def test_tampered_weights_are_refused_by_sha256(saved):
@@ -103,9 +109,7 @@ def test_weights_from_another_checkpoint_are_refused(saved, tmp_path):
     other = save_checkpoint(
         tmp_path / "other",
         build_model(TINY_STUDENT, SIZE),
-        TINY_STUDENT,
-        PreprocessConfig(input_size=SIZE),
-        CLASS_NAMES,
+        CheckpointMeta(TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES),
     )
     saved.write_bytes(other.read_bytes())
     with pytest.raises(CheckpointError, match="sha256"):

@@ -20,8 +20,8 @@ from test_metrics import EVAL_KEYS
 
 from kdcore.config import CLASS_NAMES, DEFAULT_SPLIT_FILE, REPO_ROOT
 from kdcore.data import read_split_file
+from kdcore.experiment.protocol import load_busi
 from kdcore.inference import load_predictor
-from kdcore.protocol import load_busi
 
 TRAIN_PY = REPO_ROOT / "train.py"
 
@@ -221,9 +221,10 @@ def test_allow_data_mismatch_overrides_the_check(tmp_path):
     split_file = make_fake_busi(data)
     with open(data / "benign" / "benign (2).png", "ab") as f:
         f.write(b"tampered")  # still a readable PNG
-    busi = load_busi(data, split_file, allow_mismatch=True, input_size=32)
+    busi = load_busi(data, split_file, allow_mismatch=True)
     assert {s: len(busi.records[s]) for s in ("train", "val", "test")} == {"train": 6, "val": 3, "test": 3}
-    assert busi.images["train"].shape == (6, 1, 32, 32)
+    assert busi.images("train", 32).shape == (6, 1, 32, 32)
+    assert busi.images("train", 48).shape == (6, 1, 48, 48)  # each model's input size, cached apart
     assert busi.split_sha256 == _sha256(split_file)
 
 
@@ -277,7 +278,7 @@ def test_teacher_student_scratch_smoke_on_busi(busi_dir, tmp_path, capsys):
     assert code == 0, err[-3000:]
     config = _check_trained(tmp_path / "scratch.safetensors", "student_scratch")
     assert config["history"][0]["train_kd"] == 0
-    assert "teacher_weights_sha256" not in config
+    assert not config["teacher_weights_sha256"]  # trained without a teacher
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
         "scratch.safetensors",
         "student.safetensors",

@@ -41,7 +41,7 @@ def _numpy_kd(student: np.ndarray, teacher: np.ndarray, temperature: float) -> f
 
 def test_kd_loss_matches_hand_computed_values():
     s, t, y = torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(TARGETS)
-    losses = kd_loss(s, t, y, alpha=0.5, temperature=4.0)
+    losses = kd_loss(s, t, y, alpha=0.5, kd_temperature=4.0)
     assert losses["kd"].item() == pytest.approx(HAND_KD, abs=1e-5)
     assert losses["ce"].item() == pytest.approx(HAND_CE, abs=1e-5)
     assert losses["loss"].item() == pytest.approx(HAND_LOSS, abs=1e-5)
@@ -88,7 +88,7 @@ def test_identical_logits_give_zero_kd():
 
 def test_without_teacher_the_loss_is_plain_cross_entropy():
     s, y = torch.tensor(STUDENT, requires_grad=True), torch.tensor(TARGETS)
-    losses = kd_loss(s, None, y, alpha=0.5, temperature=4.0)
+    losses = kd_loss(s, None, y, alpha=0.5, kd_temperature=4.0)
     assert losses["loss"].item() == pytest.approx(HAND_CE, abs=1e-5)
     assert losses["kd"].item() == 0.0
     weights = torch.tensor([2.0, 1.0, 0.5])
@@ -137,7 +137,7 @@ def test_distiller_train_step_leaves_teacher_weights_and_bn_stats_unchanged():
     teacher = _tiny_teacher()
     teacher.train()  # as if handed over straight from its own training
     student = build_model(TINY_STUDENT, SIZE)
-    distiller = Distiller(student, teacher, alpha=0.5, temperature=4.0)
+    distiller = Distiller(student, teacher, alpha=0.5, kd_temperature=4.0)
     distiller.train()
     assert distiller.training and student.training
     assert not teacher.training and not any(m.training for m in teacher.modules())
@@ -175,7 +175,7 @@ def test_distiller_train_step_leaves_teacher_weights_and_bn_stats_unchanged():
 def test_distiller_eval_then_train_keeps_teacher_in_eval():
     teacher = _tiny_teacher()
     student = build_model(TINY_STUDENT, SIZE)
-    distiller = Distiller(student, teacher, alpha=0.5, temperature=4.0)
+    distiller = Distiller(student, teacher, alpha=0.5, kd_temperature=4.0)
     distiller.eval()
     assert not student.training
     distiller.train(True)
@@ -185,7 +185,7 @@ def test_distiller_eval_then_train_keeps_teacher_in_eval():
 def test_cached_teacher_logits_are_used_instead_of_running_the_teacher():
     teacher = _tiny_teacher()
     student = build_model(TINY_STUDENT, SIZE)
-    distiller = Distiller(student, teacher, alpha=0.5, temperature=4.0).eval()
+    distiller = Distiller(student, teacher, alpha=0.5, kd_temperature=4.0).eval()
     images, targets = torch.rand(2, 3, SIZE, SIZE), torch.tensor([0, 2])
     cached = torch.tensor(TEACHER)
     calls = []
@@ -202,7 +202,7 @@ def test_frozen_student_blocks_keep_weights_and_bn_stats():
     frozen = student.frozen_modules
     assert frozen[0] is student.conv_stem and len(frozen) == 4  # stem, bn1, blocks 0 and 1
     frozen_names = {n for n, m in student.named_modules() if any(m is f for f in frozen)}
-    distiller = Distiller(student, None, alpha=0.5, temperature=4.0)
+    distiller = Distiller(student, None, alpha=0.5, kd_temperature=4.0)
     distiller.train()
     assert all(not m.training for f in frozen for m in f.modules())
     assert student.blocks[2].training

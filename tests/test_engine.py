@@ -14,8 +14,8 @@ from kdcore import engine
 from kdcore.checkpoint import load_checkpoint
 from kdcore.config import AugmentConfig, PreprocessConfig, TrainConfig
 from kdcore.engine import FixedViewBank, OnlineAugmented, class_weights_for, fit, validation_scores
+from kdcore.experiment.protocol import BusiData, train_student, train_teacher
 from kdcore.models import build_model
-from kdcore.protocol import BusiData, train_student, train_teacher
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
 SIZE = 48
@@ -182,14 +182,19 @@ class _Untouchable:
         raise AssertionError("the test split was used during training")
 
 
+def _greys(images: torch.Tensor) -> list:
+    """(N, 1, S, S) uint8 -> the HxW grey arrays ``BusiData`` holds."""
+    return [image[0].numpy() for image in images]
+
+
 def test_training_and_model_selection_never_touch_the_test_split(data, tmp_path):
     train_images, train_labels, val_images, val_labels, _, _ = data
     busi = BusiData(
         root=tmp_path,
         split_sha256="0" * 64,
         records={"train": [], "val": [], "test": _Untouchable()},
-        images={"train": train_images, "val": val_images, "test": _Untouchable()},
         labels={"train": train_labels, "val": val_labels, "test": _Untouchable()},
+        greys={"train": _greys(train_images), "val": _greys(val_images), "test": _Untouchable()},
     )
     preprocess = PreprocessConfig(input_size=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     teacher_path = train_teacher(TINY_TEACHER, preprocess, replace(CFG, epochs=2), busi, tmp_path / "teacher")
@@ -198,16 +203,16 @@ def test_training_and_model_selection_never_touch_the_test_split(data, tmp_path)
         TINY_STUDENT, PreprocessConfig(input_size=SIZE), student_cfg, busi, tmp_path / "student", teacher_path
     )
     for path, role in ((teacher_path, "teacher"), (student_path, "student_kd")):
-        model, config = load_checkpoint(path)
-        assert config["role"] == role
-        assert config["split_sha256"] == "0" * 64
-        best = config["history"][config["best_epoch"] - 1]
-        assert config["validation"] == best  # the recorded score is the validation score of the kept epoch
-        assert set(config["validation"]) >= {"val_loss", "val_accuracy", "val_balanced_accuracy"}
-        assert "test" not in json.dumps({k: config[k] for k in ("validation", "history")})
-        assert config["calibration"]["temperature"] > 0
+        model, meta = load_checkpoint(path)
+        assert meta.role == role
+        assert meta.split_sha256 == "0" * 64
+        best = meta.history[meta.best_epoch - 1]
+        assert meta.validation == best  # the recorded score is the validation score of the kept epoch
+        assert set(meta.validation) >= {"val_loss", "val_accuracy", "val_balanced_accuracy"}
+        assert "test" not in json.dumps({"validation": meta.validation, "history": meta.history})
+        assert meta.calibration_temperature > 0
     assert (
-        config["teacher_weights_sha256"] == json.loads(teacher_path.with_suffix(".json").read_text())["weights_sha256"]
+        meta.teacher_weights_sha256 == json.loads(teacher_path.with_suffix(".json").read_text())["weights_sha256"]
     )
     # The teacher's logits on the fixed views were cached for the next student.
     assert list((tmp_path / "work").glob("teacher_logits_*.pt"))
@@ -219,7 +224,7 @@ class _Stop(Exception):
 
 def _initial_weights(monkeypatch, train, **kwargs) -> torch.Tensor:
     """conv_stem weights of the model that ``train`` hands to ``fit`` (training itself is skipped)."""
-    from kdcore import protocol
+    from kdcore.experiment import protocol
 
     seen = []
 
@@ -239,7 +244,11 @@ def test_initial_weights_follow_the_seed(data, tmp_path, monkeypatch):
     seed must give the same init whatever used the RNG before (resumed `all` runs)."""
     train_images, train_labels, val_images, val_labels, _, _ = data
     busi = BusiData(
-        tmp_path, "0" * 64, {}, {"train": train_images, "val": val_images}, {"train": train_labels, "val": val_labels}
+        tmp_path,
+        "0" * 64,
+        {},
+        {"train": train_labels, "val": val_labels},
+        {"train": _greys(train_images), "val": _greys(val_images)},
     )
 
     def student(seed: int) -> torch.Tensor:

@@ -7,14 +7,10 @@ import onnx
 import pytest
 import torch
 
-from kdcore.export import (
-    export_checkpoint,
-    load_onnx_predictor,
-    onnx_session,
-    onnx_weights_sha256,
-    preprocess_from_config,
-)
+from kdcore.export import export_checkpoint
 from kdcore.inference import Prediction, Predictor, load_predictor
+from kdcore.onnx_runtime import load_onnx_predictor, onnx_session, onnx_weights_sha256
+from kdcore.transforms import Preprocess
 
 
 def speckle_images(count: int, seed: int = 0) -> list[np.ndarray]:
@@ -34,15 +30,15 @@ def test_fp32_graph_matches_pytorch(exported):
 
 
 def test_graph_records_the_weights_it_was_exported_from(exported, tiny_checkpoints):
-    config = load_predictor(tiny_checkpoints["student"]).config
-    assert onnx_weights_sha256(exported["onnx"]) == config["weights_sha256"]
+    meta = load_predictor(tiny_checkpoints["student"]).meta
+    assert onnx_weights_sha256(exported["onnx"]) == meta.weights_sha256
     onnx.checker.check_model(onnx.load(exported["int8_onnx"]))
 
 
 def test_int8_graph_runs_and_is_smaller(exported, tiny_checkpoints):
     assert exported["int8_onnx_mb"] <= 2.0 < exported["onnx_mb"]
-    config = load_predictor(tiny_checkpoints["student"]).config
-    small = preprocess_from_config(config).resize(speckle_images(1, seed=1)[0]).unsqueeze(0).numpy()
+    meta = load_predictor(tiny_checkpoints["student"]).meta
+    small = Preprocess(meta.preprocess).resize(speckle_images(1, seed=1)[0]).unsqueeze(0).numpy()
     logits, cam = onnx_session(exported["int8_onnx"]).run(None, {"image": small})
     assert logits.shape == (1, 3) and cam.shape == (1, 224, 224)
     assert np.isfinite(logits).all() and 0.0 <= cam.min() and cam.max() <= 1.0

@@ -9,10 +9,10 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from kdcore.cam import ForwardGradCam, UnsupportedHeadError, gap_head_layers
 from kdcore.checkpoint import load_checkpoint
 from kdcore.config import DEFAULT_SPLIT_FILE, PreprocessConfig
 from kdcore.data import read_split_file
-from kdcore.forward_cam import ForwardGradCam, UnsupportedHeadError, gap_head_layers
 from kdcore.imaging import read_grey_image
 from kdcore.models import cam_target_layer
 from kdcore.transforms import Preprocess

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from kdcore import live
-from kdcore.config import model_config_from_dict
-from kdcore.export import export_onnx, onnx_paths
-from kdcore.live import load_cam_predictor, render_live_frame
+from kdcore import cam_predictor as live
+from kdcore.app.live_session import LiveSession, RegionOfInterest
+from kdcore.cam_predictor import load_cam_predictor
 from kdcore.models import build_model
+from kdcore.onnx_runtime import export_onnx, onnx_paths
+from kdcore.overlay import encode_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +47,22 @@ def test_stale_onnx_next_to_the_checkpoint_is_not_used(tiny_checkpoints, referen
     stale = tmp_path / student.name
     for src, dst in ((student, stale), (student.with_suffix(".json"), stale.with_suffix(".json"))):
         dst.write_bytes(src.read_bytes())
-    config = reference_cam.predictor.config
+    meta = reference_cam.predictor.meta
     torch.manual_seed(123)
-    other_weights = build_model(model_config_from_dict(config["model_args"])).eval()
-    onnx.save(export_onnx(other_weights, {**config, "weights_sha256": "other"}), onnx_paths(stale)[0])
+    other_weights = build_model(meta.model).eval()
+    onnx.save(export_onnx(other_weights, replace(meta, weights_sha256="other")), onnx_paths(stale)[0])
     with pytest.warns(UserWarning, match="other weights"):
         cam_predictor = load_cam_predictor(stale)
     _, heatmap = cam_predictor.predict_with_cam(speckle_image)
     assert np.abs(heatmap - reference_cam.predict_with_cam(speckle_image)[1]).max() <= 1e-3
 
 
-def test_live_frame_becomes_a_jpeg_of_the_frame_size(tiny_checkpoints, speckle_image):
-    frame = cv2.cvtColor(cv2.resize(speckle_image, (640, 480)), cv2.COLOR_GRAY2RGB)
-    prediction, jpeg = render_live_frame(load_cam_predictor(tiny_checkpoints["student"]), frame)
-    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert decoded.shape == (480, 640, 3)
-    assert prediction.label in ("benign", "malignant", "normal")
+def test_live_frame_becomes_a_jpeg_of_the_frame_size_plus_status_bar(tiny_checkpoints, speckle_image):
+    frame = cv2.cvtColor(cv2.resize(speckle_image, (640, 480)), cv2.COLOR_GRAY2BGR)
+    result = LiveSession().process(load_cam_predictor(tiny_checkpoints["student"]), frame, RegionOfInterest(), 0.6, 0.4)
+    decoded = cv2.imdecode(np.frombuffer(encode_jpeg(result.frame_bgr), np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (480 + 28, 640, 3)
+    assert result.label in ("benign", "malignant", "normal")
 
 
 def test_without_onnxruntime_the_student_gets_the_pytorch_forward_cam(tiny_checkpoints, monkeypatch):

@@ -80,7 +80,7 @@ def _branch_inputs(teacher: HybridTeacher, x: torch.Tensor) -> dict[str, torch.T
     seen: dict[str, torch.Tensor] = {}
     hooks = [
         teacher.cnn.conv_stem.register_forward_pre_hook(lambda m, a: seen.setdefault("cnn", a[0].clone())),
-        teacher.vit.patch_embed.register_forward_pre_hook(lambda m, a: seen.setdefault("vit", a[0].clone())),
+        teacher.vit.model.patch_embed.register_forward_pre_hook(lambda m, a: seen.setdefault("vit", a[0].clone())),
     ]
     with torch.no_grad():
         teacher.eval()(x)
@@ -102,8 +102,8 @@ def test_each_teacher_branch_normalises_with_its_own_statistics():
     vit_cfg = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
     assert teacher.cnn_norm.mean.flatten().tolist() == pytest.approx(list(cnn_cfg["mean"]))
     assert teacher.cnn_norm.std.flatten().tolist() == pytest.approx(list(cnn_cfg["std"]))
-    assert teacher.vit_norm.mean.flatten().tolist() == pytest.approx(list(vit_cfg["mean"]))
-    assert teacher.vit_norm.std.flatten().tolist() == pytest.approx(list(vit_cfg["std"]))
+    assert teacher.vit.norm.mean.flatten().tolist() == pytest.approx(list(vit_cfg["mean"]))
+    assert teacher.vit.norm.std.flatten().tolist() == pytest.approx(list(vit_cfg["std"]))
     assert cnn_cfg["mean"] != vit_cfg["mean"], "the test needs branches with different statistics"
 
     # And the forward pass really feeds each branch its own normalisation of the [0, 1] image.
@@ -183,11 +183,11 @@ def test_paper_preset_teacher_has_the_papers_architecture():
     assert (PAPER.teacher.vit_init, PAPER.teacher.cnn_init) == ("timm", "timm")
     torch.manual_seed(0)
     teacher = build_model(cfg)
-    assert teacher.vit.num_features == 768 and teacher.vit.global_pool == "token"  # the [CLS] token
+    assert teacher.vit.num_features == 768 and teacher.vit.model.global_pool == "token"  # the [CLS] token
     assert models.pooled_dim(teacher.cnn) == 768
     assert teacher.head[0].in_features == 768 + 768
     assert [m.p for m in teacher.head if isinstance(m, nn.Dropout)] == [0.4]
-    assert teacher.vit_norm.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    assert teacher.vit.norm.mean.flatten().tolist() == [0.5, 0.5, 0.5]
     assert teacher.cnn_norm.mean.flatten().tolist() == pytest.approx(list(IMAGENET_MEAN))
     assert 110e6 < count_parameters(teacher) < 118e6  # ViT-B 86 M + ConvNeXt-T 28 M + head
     with torch.no_grad():

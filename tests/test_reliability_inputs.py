@@ -19,7 +19,7 @@ from hostile_inputs import IMAGE_CASES, VALID_IMAGE, VIDEO_CASES, HostileCase, w
 from PIL import Image
 from test_cli import make_fake_busi, run_main
 
-import kdcore.video
+import kdcore.app.video
 from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES
 
@@ -107,7 +107,7 @@ def run_handler(demo: gr.Blocks, case: HostileCase, path: Path):
 
 @pytest.mark.parametrize("case", IMAGE_CASES + VIDEO_CASES, ids=case_ids(IMAGE_CASES + VIDEO_CASES))
 def test_handler_refuses_or_analyses(app, hostile_dir, case, monkeypatch):
-    monkeypatch.setattr(kdcore.video, "MAX_CLIP_SECONDS", 2.0)  # the long clip: analyse 2 s, not 60
+    monkeypatch.setattr(kdcore.app.video, "MAX_CLIP_SECONDS", 2.0)  # the long clip: analyse 2 s, not 60
     path = hostile_dir / case.filename
     if case.refusal is None:
         outputs = run_handler(app, case, path)
@@ -135,10 +135,10 @@ def test_animated_gif_uses_its_first_frame(app, tmp_path):
 
 
 def test_very_long_clip_is_capped_at_sixty_seconds(hostile_dir):
-    info = kdcore.video.probe_clip(hostile_dir / "long.avi")
+    info = kdcore.app.video.probe_clip(hostile_dir / "long.avi")
     assert info.total_frames == 70 and info.frames_to_analyse == 60
     assert "70 s long; only the first 60 s" in info.cap_message
-    assert sum(1 for _ in kdcore.video.iter_grey_frames(hostile_dir / "long.avi", info)) == 60
+    assert sum(1 for _ in kdcore.app.video.iter_grey_frames(hostile_dir / "long.avi", info)) == 60
 
 
 # ----------------------------------------------------------------------------- live app (gradio_client)
@@ -159,7 +159,7 @@ API_CASES += [(case, "/predict_image") for case in IMAGE_CASES]
 )
 def test_api_refuses_clearly_then_keeps_serving(client, hostile_dir, case, image_api, monkeypatch):
     """Through the file box (/predict), the paste box (/predict_image) and the video tab."""
-    monkeypatch.setattr(kdcore.video, "MAX_CLIP_SECONDS", 2.0)  # in-process server: same module
+    monkeypatch.setattr(kdcore.app.video, "MAX_CLIP_SECONDS", 2.0)  # in-process server: same module
     path = hostile_dir / case.filename
     if case.refusal is None:
         outputs = call_api(client, case, path, image_api)

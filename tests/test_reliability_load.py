@@ -15,15 +15,15 @@ from app_helpers import free_port, launch
 from gradio_client import Client, handle_file
 from hostile_inputs import VALID_CLIP, VALID_IMAGE
 
-import kdcore.loadtest
-import kdcore.queue_hygiene
-from kdcore.loadtest import APP_START_TIMEOUT_S, MAX_RSS_GROWTH_MB, AppProcess, run_load_test
-from kdcore.queue_hygiene import UNDELIVERED_GRACE_S, QueueJanitor
-from kdcore.ui import MAX_QUEUED_REQUESTS, AppSettings
+import kdcore.app.patches.queue_hygiene
+import scripts.loadtest
+from kdcore.app.layout import MAX_QUEUED_REQUESTS, AppSettings
+from kdcore.app.patches.queue_hygiene import UNDELIVERED_GRACE_S, QueueJanitor
+from scripts.loadtest import APP_START_TIMEOUT_S, MAX_RSS_GROWTH_MB, AppProcess, run_load_test
 
 
 def test_sustained_load_has_no_errors_leaks_or_left_over_hooks(tiny_checkpoints, monkeypatch):
-    monkeypatch.setattr(kdcore.loadtest, "RSS_SAMPLE_SECONDS", 1.0)
+    monkeypatch.setattr(scripts.loadtest, "RSS_SAMPLE_SECONDS", 1.0)
     settings = AppSettings(checkpoints=tiny_checkpoints["student"].parent, port=free_port())
     with AppProcess(settings) as app:
         report = run_load_test(app, VALID_IMAGE, VALID_CLIP, clients=2, calls=4)
@@ -53,7 +53,7 @@ def app_and_client(tiny_checkpoints) -> Iterator[tuple[gr.Blocks, Client]]:
 
 def test_finished_events_and_old_analytics_are_forgotten(app_and_client, monkeypatch):
     """Gradio 5 would keep all 12 events, their tasks and "to reset" marks forever."""
-    monkeypatch.setattr(kdcore.queue_hygiene, "MAX_ANALYTICS_RECORDS", 5)
+    monkeypatch.setattr(kdcore.app.patches.queue_hygiene, "MAX_ANALYTICS_RECORDS", 5)
     demo, client = app_and_client
     for _ in range(12):
         payload, *_ = client.predict(handle_file(VALID_IMAGE), api_name="/predict")
@@ -118,7 +118,7 @@ def test_results_nobody_collected_are_dropped_after_the_grace_period():
 
 
 def test_analytics_keep_the_newest_records_and_those_of_running_events(monkeypatch):
-    monkeypatch.setattr(kdcore.queue_hygiene, "MAX_ANALYTICS_RECORDS", 3)
+    monkeypatch.setattr(kdcore.app.patches.queue_hygiene, "MAX_ANALYTICS_RECORDS", 3)
     janitor = QueueJanitor(fake_queue(analytics=5))
     janitor.forget_finished_events()
     assert list(janitor.queue.event_analytics) == ["old3", "old4", "running"]

@@ -26,15 +26,15 @@ from PIL import Image
 from test_checkpoint import _Payload
 from test_cli import make_fake_busi, run_main
 
-import kdcore.ui
+import kdcore.app.handlers
+from kdcore.app.layout import CACHE_CLEANUP_SECONDS, MAX_UPLOAD
+from kdcore.app.patches.upload_cache import use_private_upload_cache
+from kdcore.app.service import load_models
 from kdcore.checkpoint import CheckpointError
 from kdcore.config import REPO_ROOT
 from kdcore.data import sha256_file
+from kdcore.experiment.protocol import teacher_view_logits
 from kdcore.inference import load_predictor
-from kdcore.protocol import teacher_view_logits
-from kdcore.service import load_models
-from kdcore.ui import CACHE_CLEANUP_SECONDS, MAX_UPLOAD
-from kdcore.upload_cache import use_private_upload_cache
 
 
 def copy_checkpoint(source: Path, folder: Path, role: str) -> Path:
@@ -73,7 +73,7 @@ def test_pickle_checkpoint_is_refused_by_the_app_and_the_cli(tmp_path, tiny_chec
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         load_predictor(weights)
     models = load_models(folder)
-    assert "student" not in models.predictors and models.student_cam is None
+    assert "student" not in models.cams and models.student_cam is None
     assert any(p.startswith("student: checkpoint is broken") for p in models.problems)
     assert str(tmp_path) not in models.status_markdown
     (tmp_path / "scans" / "benign").mkdir(parents=True)
@@ -189,7 +189,7 @@ def test_unexpected_errors_reach_the_client_without_details(tampered_app, monkey
     def crash(*_):
         raise RuntimeError('Traceback: File "/srv/secret/kdcore/service.py", line 1')
 
-    monkeypatch.setattr(kdcore.ui, "analyse_image", crash)
+    monkeypatch.setattr(kdcore.app.handlers, "analyse_image", crash)
     client = Client(demo.local_url, verbose=False)
     with pytest.raises(AppError) as error:
         client.predict(handle_file(VALID_IMAGE), api_name="/predict")

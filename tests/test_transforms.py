@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kdcore.config import IMAGENET_MEAN, IMAGENET_STD, OFFLINE, PAPER, AugmentConfig, PreprocessConfig
-from kdcore.data import ImageRecord, load_resized
+from kdcore.data import resize_all
 from kdcore.engine import build_view_bank
 from kdcore.imaging import read_grey_image
 from kdcore.transforms import Preprocess, UltrasoundAugment
@@ -53,7 +53,7 @@ def test_training_cache_path_equals_serving_path(tmp_path, speckle_image):
     """Training caches resized uint8 images and normalises later; it must equal the app's path."""
     Image.fromarray(speckle_image).save(tmp_path / "a.png")
     preprocess = Preprocess(OFFLINE.student_preprocess)
-    cached = load_resized(tmp_path, [ImageRecord("a.png", "benign", "")], preprocess)
+    cached = resize_all([read_grey_image(tmp_path / "a.png")], preprocess.cfg.input_size)
     assert cached.shape == (1, 1, 224, 224) and cached.dtype == torch.uint8
     assert torch.equal(preprocess.normalize(cached)[0], preprocess(read_grey_image(tmp_path / "a.png")))
 

@@ -29,7 +29,7 @@ import numpy as np
 from gradio_client import Client, handle_file
 from torch import nn
 
-from kdcore.ui import AppSettings, launch_in_background
+from kdcore.app.layout import AppSettings, launch_in_background
 
 MAX_RSS_GROWTH_MB = 50.0
 APP_START_TIMEOUT_S = 300.0

@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from kdcore.explain import overlay_heatmap
-from kdcore.imaging import ImageReadError, grey_from_array
-from kdcore.live import CamPredictor
+from kdcore.cam_predictor import CamPredictor
+from kdcore.imaging import ImageReadError, grey_from_bgr
+from kdcore.overlay import overlay_heatmap
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".gif", ".webm", ".mkv")
 MAX_CLIP_SECONDS = 60.0
@@ -83,7 +83,7 @@ def probe_clip(path: str | Path) -> ClipInfo:
 
 
 def iter_grey_frames(path: str | Path, info: ClipInfo) -> Iterator[np.ndarray]:
-    """Decoded frames as HxW uint8, at most ``info.frames_to_analyse`` of them."""
+    """Decoded frames as HxW uint8 (the uploads' grey conversion), at most ``info.frames_to_analyse``."""
     capture = cv2.VideoCapture(str(path))
     try:
         for _ in range(info.frames_to_analyse):
@@ -91,7 +91,7 @@ def iter_grey_frames(path: str | Path, info: ClipInfo) -> Iterator[np.ndarray]:
             if not ok:
                 return
             try:
-                yield grey_from_array(frame, info.name)
+                yield grey_from_bgr(frame, info.name)
             except ImageReadError as exc:
                 raise VideoReadError(str(exc)) from exc
     finally:

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 
-from kdcore.explain import overlay_heatmap
-from kdcore.live import CamPredictor
+from kdcore.cam_predictor import CamPredictor
+from kdcore.imaging import grey_from_bgr
+from kdcore.overlay import overlay_heatmap
 
 STATUS_BAR_HEIGHT = 28
 PANEL_INTERVAL_S = 0.1  # side-panel refresh; the burned-in status bar updates every frame
@@ -118,7 +119,7 @@ class LiveSession:
     ) -> LiveFrame:
         """Student prediction + Grad-CAM on the ROI of one BGR frame -> annotated BGR frame."""
         started = time.perf_counter()
-        grey_frame = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)
+        grey_frame = grey_from_bgr(frame_bgr)
         y0, y1, x0, x1 = roi.box(*grey_frame.shape)
         grey = grey_frame[y0:y1, x0:x1]
         prediction, heatmap = cam_predictor.predict_with_cam(grey)

@@ -1,8 +1,11 @@
 """Size / latency / FPS of the teachers, the student's PyTorch and ONNX (fp32, INT8) forms and
 the whole live-frame pipeline, next to the paper's own figures; JSON + Markdown out.
 
-python -m kdcore.benchmark --out reports/benchmark.json           # >= 200 timed runs per row
-python -m kdcore.benchmark --out /tmp/benchmark.json --quick      # a few runs (tests)
+python -m kdcore.experiment.benchmark --out reports/benchmark.json       # >= 200 timed runs per row
+python -m kdcore.experiment.benchmark --out /tmp/benchmark.json --quick  # a few runs (tests)
+
+The live row times exactly what the app's live handler runs per frame: ``LiveSession.process``
+(ROI, student + forward-pass Grad-CAM, smoothing, overlay, status bar) and the JPEG encoding.
 
 Batch 1, warm-up then timed runs, median and p90. The paper-architecture teacher (ViT-B/16 +
 ConvNeXt-T) always has random weights (timing only) and, being ~100x slower, gets
@@ -32,12 +35,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from kdcore.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from kdcore.app.live_session import LiveSession, RegionOfInterest
+from kdcore.cam_predictor import GradCamPredictor, load_cam_predictor
+from kdcore.checkpoint import CheckpointMeta, checkpoint_paths, load_checkpoint, save_checkpoint
 from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, OFFLINE, PAPER, REPO_ROOT
-from kdcore.export import INPUT_NAME, export_checkpoint, file_mb, onnx_session, split_images
+from kdcore.export import export_checkpoint, file_mb, split_images
+from kdcore.imaging import grey_from_bgr
 from kdcore.inference import load_predictor
-from kdcore.live import GradCamPredictor, load_cam_predictor, render_live_frame
 from kdcore.models import build_model, count_parameters
+from kdcore.onnx_runtime import INPUT_NAME, onnx_session
+from kdcore.overlay import encode_jpeg
 
 FRAME_HEIGHT, FRAME_WIDTH = 480, 640
 IDLE_LOAD_PER_CPU = 0.25  # 1-minute load average per CPU above which timings are flagged
@@ -79,15 +86,19 @@ def student_checkpoint(path: Path, folder: Path) -> tuple[Path, str]:
     if checkpoint_paths(path)[0].is_file():
         return path, f"trained ({path})"
     model = build_model(OFFLINE.student).eval()
-    saved = save_checkpoint(folder / "student", model, OFFLINE.student, OFFLINE.student_preprocess, CLASS_NAMES)
+    meta = CheckpointMeta(OFFLINE.student, OFFLINE.student_preprocess, CLASS_NAMES, role="student")
+    saved = save_checkpoint(folder / "student", model, meta)
     return saved, "random weights (no trained checkpoint found)"
 
 
-def offline_teacher(path: Path) -> tuple[nn.Module, str]:
+def offline_teacher(path: Path) -> tuple[nn.Module, str, str]:
+    """(model, where its weights came from, architecture name)."""
     if checkpoint_paths(path)[0].is_file():
-        return load_checkpoint(path)[0], f"trained ({path})"
+        model, meta = load_checkpoint(path)
+        return model, f"trained ({path})", meta.architecture
     cfg = replace(OFFLINE.teacher, cnn_init="none")
-    return build_model(cfg).eval(), "random weights (no trained checkpoint found)"
+    architecture = CheckpointMeta(cfg, OFFLINE.teacher_preprocess, CLASS_NAMES).architecture
+    return build_model(cfg).eval(), "random weights (no trained checkpoint found)", architecture
 
 
 def paper_teacher_model() -> nn.Module:
@@ -96,14 +107,14 @@ def paper_teacher_model() -> nn.Module:
 
 
 def benchmark_frame(data_dir: Path, split_file: Path, count: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A 640x480 RGB frame and ``count`` grey training images for INT8 calibration: BUSI if
-    present, else synthetic speckle."""
+    """A 640x480 BGR camera frame and ``count`` grey training images for INT8 calibration: BUSI
+    if present, else synthetic speckle."""
     if split_file.is_file() and (data_dir / "manifest.csv").is_file():
         greys, _ = split_images(data_dir, split_file, "train", count)
     else:
         rng = np.random.default_rng(0)
         greys = [np.clip(rng.rayleigh(60, (300, 400)), 0, 255).astype(np.uint8) for _ in range(count)]
-    frame = cv2.cvtColor(cv2.resize(greys[0], (FRAME_WIDTH, FRAME_HEIGHT)), cv2.COLOR_GRAY2RGB)
+    frame = cv2.cvtColor(cv2.resize(greys[0], (FRAME_WIDTH, FRAME_HEIGHT)), cv2.COLOR_GRAY2BGR)
     return frame, greys
 
 
@@ -119,7 +130,7 @@ def measured_rows(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[st
     """Every timed row, plus the export report and which weights each row used."""
     warmup, runs = args.warmup, args.runs
     frame, greys = benchmark_frame(args.data, args.split_file, args.calibration_images)
-    grey = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+    grey = grey_from_bgr(frame)
     student_path, student_source = student_checkpoint(args.student, workdir)
     predictor = load_predictor(student_path)
     batch = predictor.preprocess(grey).unsqueeze(0)
@@ -136,10 +147,10 @@ def measured_rows(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[st
         )
     ]
     del paper_teacher  # ~440 MB
-    teacher, teacher_source = offline_teacher(args.teacher)
+    teacher, teacher_source, architecture = offline_teacher(args.teacher)
     rows.append(
         torch_row(
-            "teacher, offline (EfficientNet-Lite0 + transformer), PyTorch",
+            f"teacher, offline ({architecture}), PyTorch",
             teacher,
             torch_forward(teacher, batch),
             warmup,
@@ -169,12 +180,16 @@ def measured_rows(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[st
             row(f"student, ONNX Runtime {label} (normalise + logits + CAM)", file_mb(export[key]), params, timing)
         )
     live = load_cam_predictor(student_path, "onnxruntime", threads=args.threads)
+    session = LiveSession()
     rows.append(
         row(
-            "live frame: 640x480 RGB -> preprocess -> ONNX fp32 student + CAM -> overlay -> JPEG",
+            "live frame, as the app's live handler: 640x480 BGR -> LiveSession.process (ONNX fp32 student + CAM, "
+            "smoothing, overlay, status bar) -> JPEG",
             file_mb(export["onnx"]),
             params,
-            time_calls(lambda: render_live_frame(live, frame), warmup, runs),
+            time_calls(
+                lambda: encode_jpeg(session.process(live, frame, RegionOfInterest(), 0.6, 0.4).frame_bgr), warmup, runs
+            ),
         )
     )
     weights = {"student": student_source, "offline_teacher": teacher_source, "paper_teacher": "random weights"}
@@ -278,16 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_benchmark(argv: list[str]) -> dict[str, Any]:
+    """Run the benchmark with command-line ``argv``; write OUT.json and OUT.md; return the result."""
     args = build_parser().parse_args(argv)
     if args.quick:
         args.runs, args.teacher_runs, args.warmup, args.calibration_images = 3, 1, 1, 4
     result = run_benchmark(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown_table(result)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    args.out.with_suffix(".md").write_text(markdown_table(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    result = write_benchmark(sys.argv[1:] if argv is None else argv)
+    print(markdown_table(result))
     return 0
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from kdcore.service import HOW_TO_GET_CHECKPOINTS, ROLES, LoadedModels
+from kdcore.app.service import HOW_TO_GET_CHECKPOINTS, ROLES, LoadedModels
+from kdcore.checkpoint import CheckpointMeta
 
 NOT_A_DEVICE = (
     "## Research demo — not a diagnostic device\n"
@@ -14,26 +13,22 @@ NOT_A_DEVICE = (
 )
 
 
-def _numbers_table(title: str, values: dict[str, Any]) -> str:
-    """Markdown table of the numeric entries of ``values`` (nested dicts are skipped)."""
+def _numbers_table(title: str, values: dict[str, float]) -> str:
+    """Markdown table of the numeric entries of ``values``."""
     rows = [f"| {key} | {value:.4g} |" for key, value in values.items() if isinstance(value, int | float)]
     if not rows:
         return ""
     return "\n".join([f"**{title}**", "", "| metric | value |", "|---|---|", *rows, ""])
 
 
-def checkpoint_markdown(role: str, config: dict[str, Any]) -> str:
-    args = config.get("model_args", {})
-    branches = [args.get("global_branch"), args.get("cnn_name")]
-    architecture = " + ".join(b for b in branches if b and b != "none")
+def checkpoint_markdown(role: str, meta: CheckpointMeta) -> str:
+    calibration = {"temperature": meta.calibration_temperature, **meta.calibration}
     parts = [
-        f"### {role.capitalize()}: {architecture}",
-        f"Input {config.get('preprocess', {}).get('input_size', '?')} px, classes: "
-        f"{', '.join(config.get('class_names', []))}.",
+        f"### {role.capitalize()}: {meta.architecture}",
+        f"Input {meta.preprocess.input_size} px, classes: {', '.join(meta.class_names)}.",
         "",
-        _numbers_table("Validation (best epoch)", config.get("validation", {})),
-        _numbers_table("Calibration", config.get("calibration", {})),
-        _numbers_table("Test", config.get("metrics", {})),
+        _numbers_table(f"Validation (best epoch, {meta.best_epoch})", meta.validation),
+        _numbers_table("Calibration (fitted on validation)", calibration),
     ]
     return "\n".join(parts)
 
@@ -41,8 +36,8 @@ def checkpoint_markdown(role: str, config: dict[str, Any]) -> str:
 def about_markdown(models: LoadedModels) -> str:
     sections = [NOT_A_DEVICE]
     for role in ROLES:
-        if role in models.configs:
-            sections.append(checkpoint_markdown(role, models.configs[role]))
+        if role in models.metas:
+            sections.append(checkpoint_markdown(role, models.metas[role]))
         else:
             sections.append(f"### {role.capitalize()}: not loaded\n{HOW_TO_GET_CHECKPOINTS}")
     sections.append(models.model_card or "_No MODEL_CARD.md in the checkpoints folder yet._")

@@ -3,8 +3,9 @@ train students, calibrate on validation, evaluate on test or on any class folder
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +13,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from kdcore.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
-from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig, to_dict
+from kdcore.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig
 from kdcore.data import (
     DataIntegrityError,
     ImageRecord,
     folder_records,
     label_indices,
-    load_resized,
     read_manifest,
     read_split_file,
     records_in,
-    sha256_file,
+    resize_all,
     verify_files,
 )
 from kdcore.engine import (
@@ -34,7 +34,9 @@ from kdcore.engine import (
     predict_logits,
     seed_everything,
 )
-from kdcore.inference import Predictor
+from kdcore.hashing import sha256_file
+from kdcore.imaging import read_grey_image
+from kdcore.inference import Predictor, load_predictor
 from kdcore.metrics import (
     evaluate_predictions,
     expected_calibration_error,
@@ -50,19 +52,26 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class BusiData:
-    """The three splits as cached (N, 1, S, S) uint8 images and label tensors."""
+    """The three splits: records, labels and the grey images, resized on demand and cached
+    per input size (the teacher and the student may use different sizes)."""
 
     root: Path
     split_sha256: str
     records: dict[str, list[ImageRecord]]
-    images: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
+    greys: dict[str, list[np.ndarray]]
+    _resized: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def images(self, split: str, size: int) -> torch.Tensor:
+        """(N, 1, size, size) uint8 images of ``split``."""
+        key = (split, size)
+        if key not in self._resized:
+            self._resized[key] = resize_all(self.greys[split], size)
+        return self._resized[key]
 
 
-def load_busi(
-    root: Path, split_file: Path, allow_mismatch: bool = False, subset: int = 0, input_size: int = 224
-) -> BusiData:
-    """Check files against manifest and split file, then cache the resized images."""
+def load_busi(root: Path, split_file: Path, allow_mismatch: bool = False, subset: int = 0) -> BusiData:
+    """Check files against manifest and split file, then read the grey images once."""
     root = Path(root)
     if not root.is_dir():
         raise DataIntegrityError(f"data folder not found: {root} (pass --data DIR)")
@@ -76,24 +85,22 @@ def load_busi(
         )
     used = [r for r in split_rows if r.split in SPLITS]
     verify_files(root, used, allow_mismatch)
-    resize = Preprocess(PreprocessConfig(input_size=input_size))
     records = {s: records_in(split_rows, s, subset) for s in SPLITS}
     return BusiData(
         root=root,
         split_sha256=sha256_file(Path(split_file)),
         records=records,
-        images={s: load_resized(root, records[s], resize) for s in SPLITS},
         labels={s: label_indices(records[s]) for s in SPLITS},
+        greys={s: [read_grey_image(root / r.file) for r in records[s]] for s in SPLITS},
     )
 
 
-def _calibrate(model: torch.nn.Module, data: BusiData, preprocess: Preprocess) -> dict[str, float]:
+def _calibrate(model: torch.nn.Module, data: BusiData, preprocess: Preprocess) -> tuple[float, dict[str, float]]:
     """Temperature fitted on validation logits (never test), with validation ECE before/after."""
-    logits = predict_logits(model, data.images["val"], preprocess)
+    logits = predict_logits(model, data.images("val", preprocess.cfg.input_size), preprocess)
     labels = data.labels["val"].numpy()
     temperature = fit_temperature(logits, data.labels["val"])
-    return {
-        "temperature": temperature,
+    return temperature, {
         "val_ece_before": expected_calibration_error(labels, torch.softmax(logits, 1).numpy()),
         "val_ece_after": expected_calibration_error(labels, torch.softmax(logits / temperature, 1).numpy()),
     }
@@ -110,7 +117,7 @@ def _fit_and_save(
     resume: bool,
     role: str,
     half: bool,
-    extra: dict[str, Any],
+    teacher_weights_sha256: str = "",
 ) -> Path:
     """Train on ``train_set`` (best state on validation), calibrate on validation, save."""
     preprocess = Preprocess(preprocess_cfg)
@@ -118,7 +125,7 @@ def _fit_and_save(
     result = fit(
         model,
         train_set,
-        data.images["val"],
+        data.images("val", preprocess_cfg.input_size),
         data.labels["val"],
         data.labels["train"],
         preprocess,
@@ -128,25 +135,22 @@ def _fit_and_save(
         desc=out_path.name,
     )
     model = model.to(memory_format=torch.contiguous_format).eval()
-    val_scores = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
-    return save_checkpoint(
-        out_path,
-        model,
-        model_cfg,
-        preprocess_cfg,
-        CLASS_NAMES,
-        half=half,
-        extra={
-            "role": role,
-            "training": to_dict(train_cfg),
-            "split_sha256": data.split_sha256,
-            "best_epoch": result.best_epoch,
-            "validation": val_scores,
-            "calibration": _calibrate(model, data, preprocess),
-            "history": result.history,
-            **extra,
-        },
+    temperature, calibration = _calibrate(model, data, preprocess)
+    meta = CheckpointMeta(
+        model=model_cfg,
+        preprocess=preprocess_cfg,
+        class_names=CLASS_NAMES,
+        role=role,
+        calibration_temperature=temperature,
+        calibration=calibration,
+        training=train_cfg,
+        split_sha256=data.split_sha256,
+        best_epoch=result.best_epoch,
+        validation=next((h for h in result.history if h["epoch"] == result.best_epoch), {}),
+        history=tuple(result.history),
+        teacher_weights_sha256=teacher_weights_sha256,
     )
+    return save_checkpoint(out_path, model, meta, half=half)
 
 
 def train_teacher(
@@ -161,27 +165,25 @@ def train_teacher(
     seed_everything(train_cfg.seed)  # the initial weights follow the seed, not earlier RNG use
     model = build_model(model_cfg, preprocess_cfg.input_size)
     augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
-    train_set = OnlineAugmented(data.images["train"], data.labels["train"], augment)
+    train_set = OnlineAugmented(data.images("train", preprocess_cfg.input_size), data.labels["train"], augment)
     return _fit_and_save(
-        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, "teacher", half=True, extra={}
+        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, "teacher", half=True
     )
 
 
 def teacher_view_logits(teacher_path: Path, views: torch.Tensor, cache: Path) -> torch.Tensor:
     """(N, V, C) teacher logits on the fixed views, cached by teacher and view-bank hash."""
-    import hashlib
-
     key = hashlib.sha256(views.numpy().tobytes()).hexdigest()[:16]
-    weights_sha = read_checkpoint_config(teacher_path)["weights_sha256"][:16]
+    weights_sha = CheckpointMeta.read(teacher_path).weights_sha256[:16]
     cache_file = cache / f"teacher_logits_{weights_sha}_{key}.pt"
     if cache_file.is_file():
         try:
             return load_tensor_file(cache_file)
         except WeightsError as exc:  # a damaged or tampered cache is recomputed, never executed
             print(f"warning: ignoring teacher-logit cache {cache_file}: {exc}; recomputing it")
-    teacher, config = load_checkpoint(teacher_path)
+    teacher, meta = load_checkpoint(teacher_path)
     teacher.to(memory_format=torch.channels_last)
-    preprocess = Preprocess(Predictor(teacher, config).preprocess.cfg)
+    preprocess = Preprocess(meta.preprocess)
     flat = views.reshape(-1, *views.shape[2:])
     logits = predict_logits(teacher, flat, preprocess).reshape(*views.shape[:2], -1)
     cache.mkdir(parents=True, exist_ok=True)
@@ -202,38 +204,54 @@ def train_student(
     without it the same recipe minus the teacher (the ablation)."""
     augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
     bank_seed = 12345  # the same views for every student, KD or not: a fair ablation
-    views = build_view_bank(data.images["train"], augment, train_cfg.views_per_image, bank_seed)
+    views = build_view_bank(
+        data.images("train", preprocess_cfg.input_size), augment, train_cfg.views_per_image, bank_seed
+    )
     logits = teacher_view_logits(teacher_path, views, out_path.parent / "work") if teacher_path is not None else None
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
     train_set = FixedViewBank(views, data.labels["train"], logits)
-    extra = {"teacher_weights_sha256": read_checkpoint_config(teacher_path)["weights_sha256"]} if teacher_path else {}
+    teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""
     role = "student_kd" if teacher_path else "student_scratch"
     return _fit_and_save(
-        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, role, half=False, extra=extra
+        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, role, False, teacher_sha
     )
 
 
 def evaluation_records(data_dir: Path, split_file: Path) -> list[ImageRecord]:
-    """BUSI folder -> the split file's test rows; any other folder -> its class sub-folders."""
+    """The images to score in ``data_dir``.
+
+    BUSI (its manifest holds the split file's images): the split file's test rows. Any other
+    folder: its class sub-folders; when it has a ``manifest.csv`` (e.g. BrEaST-Lesions-USG),
+    every file it lists is first checked (present, same sha256, same class folder).
+    """
     data_dir = Path(data_dir)
-    if (data_dir / "manifest.csv").is_file():
-        return [r for r in read_split_file(split_file, data_dir) if r.split == "test"]
-    return folder_records(data_dir)
+    if not (data_dir / "manifest.csv").is_file():
+        return folder_records(data_dir)
+    manifest = {r.file: r for r in read_manifest(data_dir)}
+    split_rows = read_split_file(split_file)
+    if all(manifest.get(r.file) is not None and manifest[r.file].sha256 == r.sha256 for r in split_rows):
+        test_rows = [r for r in split_rows if r.split == "test"]
+        verify_files(data_dir, test_rows)
+        return test_rows
+    verify_files(data_dir, list(manifest.values()))
+    records = folder_records(data_dir)
+    wrong_class = [r.file for r in records if r.file in manifest and manifest[r.file].label != r.label]
+    if wrong_class:
+        raise DataIntegrityError(
+            f"{len(wrong_class)} file(s) sit in another class folder than manifest.csv says, e.g. {wrong_class[:3]}"
+        )
+    return records
 
 
 def predict_records(predictor: Predictor, root: Path, records: list[ImageRecord]) -> np.ndarray:
     """Calibrated probabilities (N, C) for the records' images."""
-    from kdcore.imaging import read_grey_image
-
     logits = predictor.logits_for([read_grey_image(Path(root) / r.file) for r in records])
     return predictor.probabilities(logits).numpy()
 
 
 def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split_file: Path, out_json: Path | None) -> dict[str, Any]:
     """Evaluation JSON (+ Markdown table and confusion-matrix PNG beside ``out_json``)."""
-    from kdcore.inference import load_predictor
-
     predictor = load_predictor(checkpoint)
     records = evaluation_records(data_dir, split_file)
     probs = predict_records(predictor, data_dir, records)
@@ -247,7 +265,3 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split_file: Path, out_
         out_json.with_suffix(".md").write_text(markdown_table(result, title))
         plot_confusion_matrix(result, out_json.with_suffix(".png"), title)
     return result
-
-
-def student_config_for(model_cfg: ModelConfig, init_weights: str | None) -> ModelConfig:
-    return replace(model_cfg, cnn_init=init_weights) if init_weights else model_cfg

@@ -4,68 +4,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from kdcore.checkpoint import checkpoint_paths, read_checkpoint_config
-from kdcore.config import ModelConfig, Preset, TrainConfig, with_overrides
-from kdcore.protocol import BusiData, load_busi, train_student, train_teacher
-
-
-@dataclass(frozen=True)
-class StudentRun:
-    """One student training run of the protocol."""
-
-    row: str  # table row, e.g. "mobilenetv3_kd"
-    model: ModelConfig
-    train: TrainConfig
-    with_teacher: bool
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.row}_s{self.seed}"
-
-
-def teacher_name(cfg: ModelConfig) -> str:
-    return f"teacher_{cfg.global_branch}"
-
-
-def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, include_extra: bool) -> list[StudentRun]:
-    """KD and scratch runs of the student and the extra (EfficientNet-Lite0) student, per seed."""
-    rows = [("mobilenetv3", preset.student, preset.student_train)]
-    if include_extra and preset.extra_student is not None:
-        rows.append(("efficientnet_lite0", preset.extra_student, preset.extra_student_train or preset.student_train))
-    return [
-        StudentRun(
-            f"{prefix}_{'kd' if kd else 'scratch'}", model, with_overrides(train, seed=seed, epochs=epochs), kd, seed
-        )
-        for seed in seeds  # seed-major order: an interrupted run still has every row
-        for prefix, model, train in rows
-        for kd in (True, False)
-    ]
-
-
-def _done(path: Path) -> bool:
-    return all(p.is_file() for p in checkpoint_paths(path))
-
-
-def validation_score(path: Path, within_epochs: int = 0) -> tuple[float, float]:
-    """Best (val balanced accuracy, -val loss) of a run, optionally within its first epochs."""
-    history = read_checkpoint_config(path)["history"]
-    rows = [h for h in history if not within_epochs or h["epoch"] <= within_epochs]
-    return max((h["val_balanced_accuracy"], -h["val_loss"]) for h in rows)
-
-
-def best_by_validation(paths: list[Path], within_epochs: int = 0) -> Path:
-    """The checkpoint with the highest validation balanced accuracy (then lowest val loss)."""
-    return max(paths, key=lambda p: validation_score(p, within_epochs))
-
-
-def teacher_candidates(preset: Preset) -> list[tuple[ModelConfig, int | None]]:
-    """(config, epochs override) of the preset's teacher and its alternatives."""
-    budget = preset.alternative_epochs or None
-    return [(preset.teacher, None)] + [(cfg, budget) for cfg in preset.teacher_alternatives]
+from kdcore.checkpoint import checkpoint_paths
+from kdcore.config import Preset, with_overrides
+from kdcore.experiment import benchmark, reports
+from kdcore.experiment.protocol import BusiData, load_busi, train_student, train_teacher
+from kdcore.experiment.runs import best_by_validation, is_done, student_runs, teacher_candidates, teacher_name
 
 
 def train_teachers(preset: Preset, data: BusiData, runs: Path, args: argparse.Namespace) -> Path:
@@ -74,7 +19,7 @@ def train_teachers(preset: Preset, data: BusiData, runs: Path, args: argparse.Na
     candidates = []
     for cfg, budget in teacher_candidates(preset):
         path = runs / teacher_name(cfg)
-        if not _done(path):
+        if not is_done(path):
             epochs = args.epochs or budget
             train_cfg = with_overrides(preset.teacher_train, epochs=epochs, seed=args.seed)
             train_teacher(cfg, preset.teacher_preprocess, train_cfg, data, path, resume=True)
@@ -91,7 +36,7 @@ def run_all(preset: Preset, args: argparse.Namespace) -> None:
     seeds = tuple(args.seeds) if args.seeds else preset.seeds
     for run in student_runs(preset, seeds, args.epochs, not args.skip_extra):
         path = runs / run.name
-        if not _done(path):
+        if not is_done(path):
             train_student(
                 run.model,
                 preset.student_preprocess,
@@ -114,23 +59,37 @@ def ship(teacher: Path, student: Path, ship_dir: Path) -> None:
 
 def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | None = None) -> None:
     """Select and ship the models, then write every table and figure of reports/."""
-    from kdcore import reports
-
     runs = Path(args.runs) / preset.name
     if data is None:
         data = load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
-    teachers = [runs / teacher_name(c) for c, _ in teacher_candidates(preset) if _done(runs / teacher_name(c))]
+    teachers = [runs / teacher_name(c) for c, _ in teacher_candidates(preset) if is_done(runs / teacher_name(c))]
     teacher = best_by_validation(teachers, preset.alternative_epochs)
     done = [
         r
         for r in student_runs(
             preset, preset.seeds if not getattr(args, "seeds", None) else tuple(args.seeds), args.epochs, True
         )
-        if _done(runs / r.name)
+        if is_done(runs / r.name)
     ]
     mobilenets = [runs / r.name for r in done if r.row.startswith("mobilenetv3")]
     student = best_by_validation(mobilenets)
-    ship(teacher, student, Path(args.ship_dir))
+    ship_dir, reports_dir = Path(args.ship_dir), Path(args.reports)
+    ship(teacher, student, ship_dir)
+    efficiency = benchmark.write_benchmark(
+        [
+            "--out",
+            str(reports_dir / "benchmark.json"),
+            "--student",
+            str(ship_dir / "student"),
+            "--teacher",
+            str(ship_dir / "teacher"),
+            "--data",
+            str(args.data),
+            "--split-file",
+            str(args.split_file),
+        ]
+        + (["--quick"] if args.subset else [])
+    )
     reports.build(
-        data, runs, teachers, preset.alternative_epochs, teacher, student, done, Path(args.reports), Path(args.ship_dir)
+        data, runs, teachers, preset.alternative_epochs, teacher, student, done, reports_dir, ship_dir, efficiency
     )

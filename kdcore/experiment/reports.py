@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from kdcore.benchmark import time_calls, torch_forward
-from kdcore.checkpoint import checkpoint_paths, read_checkpoint_config
+from kdcore.cam import grad_cam
+from kdcore.checkpoint import CheckpointMeta
 from kdcore.config import CLASS_NAMES
 from kdcore.data import ImageRecord, label_indices
-from kdcore.explain import cam_peak, grad_cam
-from kdcore.imaging import read_grey_image
+from kdcore.experiment.protocol import BusiData
+from kdcore.experiment.runs import StudentRun
 from kdcore.inference import Predictor, load_predictor
 from kdcore.metrics import (
     evaluate_predictions,
@@ -28,9 +28,8 @@ from kdcore.metrics import (
     plot_roc,
     plot_training_curves,
 )
-from kdcore.models import count_parameters, load_tensor_file
-from kdcore.pipeline import validation_score
-from kdcore.protocol import BusiData
+from kdcore.models import load_tensor_file
+from kdcore.overlay import cam_peak
 
 PAPER_TABLE1 = {  # class -> (teacher P, R, F1, student P, R, F1), from the paper
     "benign": (0.96, 0.89, 0.92, 0.96, 0.91, 0.93),
@@ -47,12 +46,16 @@ HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "malignant_recall", "au
 
 def test_predictions(predictor: Predictor, data: BusiData) -> tuple[np.ndarray, np.ndarray]:
     """Raw (uncalibrated) test logits and labels; images come from the cached split."""
-    greys = [read_grey_image(data.root / r.file) for r in data.records["test"]]
-    return predictor.logits_for(greys).numpy(), data.labels["test"].numpy()
+    return predictor.logits_for(data.greys["test"]).numpy(), data.labels["test"].numpy()
 
 
-def _softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(torch.from_numpy(logits) / temperature, 1).numpy()
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits), 1).numpy()
+
+
+def calibrated(predictor: Predictor, logits: np.ndarray) -> np.ndarray:
+    """The predictor's calibrated probabilities for raw logits."""
+    return predictor.probabilities(torch.from_numpy(logits)).numpy()
 
 
 def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
@@ -72,30 +75,19 @@ def lesion_mask(root: Path, record: ImageRecord) -> np.ndarray | None:
 def pointing_game(predictor: Predictor, data: BusiData) -> dict[str, Any]:
     """Share of lesion test images whose Grad-CAM peak lies inside a lesion mask, vs chance."""
     hits, areas = [], []
-    for record in tqdm(data.records["test"], desc=f"pointing game {predictor.name}", leave=False):
+    for record, grey in tqdm(
+        zip(data.records["test"], data.greys["test"]), desc=f"pointing game {predictor.name}", leave=False
+    ):
         if record.label == "normal":
             continue
         mask = lesion_mask(data.root, record)
         if mask is None:
             continue
-        grey = read_grey_image(data.root / record.file)
         _, heatmap = grad_cam(predictor, grey)
         row, col = cam_peak(heatmap, *mask.shape)
         hits.append(bool(mask[row, col]))
         areas.append(float(mask.mean()))
     return {"n": len(hits), "pointing_game": float(np.mean(hits)), "chance_rate": float(np.mean(areas))}
-
-
-def efficiency_row(name: str, path: Path, predictor: Predictor) -> dict[str, Any]:
-    """Size on disk, parameters and batch-1 forward latency (5 warm-up + 50 timed runs)."""
-    size = predictor.preprocess.cfg.input_size
-    timing = time_calls(torch_forward(predictor.model, torch.rand(1, 3, size, size)), warmup=5, runs=50)
-    return {
-        "name": name,
-        "size_mb": checkpoint_paths(path)[0].stat().st_size / 1e6,
-        "params": count_parameters(predictor.model),
-        **{key: timing[key] for key in ("median_ms", "p90_ms", "fps")},
-    }
 
 
 def fp16_agreement(teacher_path: Path, data: BusiData, logits_fp16: np.ndarray) -> float | None:
@@ -147,22 +139,6 @@ def table1(teacher: dict[str, Any], student: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table2(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | size MB | parameters | CPU latency ms (median, p90) | FPS | speed-up vs teacher |",
-        "|---|---|---|---|---|---|",
-    ]
-    teacher_ms = rows[0]["median_ms"]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['size_mb']:.1f} | {r['params'] / 1e6:.2f} M | {r['median_ms']:.1f}, "
-            f"{r['p90_ms']:.1f} | {r['fps']:.0f} | {teacher_ms / r['median_ms']:.1f}x |"
-        )
-    for name, size, _, ms, fps in PAPER_TABLE2:
-        lines.append(f"| {name} | {size:.1f} | — | {ms:.1f} | {fps:.1f} | (paper) |")
-    return "\n".join(lines) + "\n"
-
-
 def ablation_table(ablation: dict[str, dict[str, Any]], teacher: dict[str, Any]) -> str:
     lines = ["| model | seeds | " + " | ".join(HEADLINE) + " |", "|---|---|" + "---|" * len(HEADLINE)]
     lines.append("| teacher (selected on val) | 1 | " + " | ".join(_with_ci(teacher, k) for k in HEADLINE) + " |")
@@ -179,11 +155,16 @@ def build(
     budget: int,
     teacher: Path,
     student: Path,
-    student_runs: list,
+    student_runs: list[StudentRun],
     reports_dir: Path,
     ship_dir: Path,
+    efficiency: dict[str, Any],
 ) -> dict[str, Any]:
-    """Evaluate everything on the test split once and write every report."""
+    """Evaluate everything on the test split once and write every report.
+
+    ``efficiency`` is the benchmark's result for the shipped models (``reports/benchmark.md``
+    is the efficiency table: one measurement, one unit).
+    """
     reports_dir.mkdir(parents=True, exist_ok=True)
     y_true = label_indices(data.records["test"]).numpy()
     predictors = {"teacher": load_predictor(teacher), "student": load_predictor(student)}
@@ -192,15 +173,15 @@ def build(
     for run in tqdm(student_runs, desc="evaluating students", leave=False):
         predictor = load_predictor(runs / run.name)
         run_logits, _ = test_predictions(predictor, data)
-        evaluations[run.name] = evaluate_predictions(y_true, _softmax(run_logits, predictor.temperature))
+        evaluations[run.name] = evaluate_predictions(y_true, calibrated(predictor, run_logits))
     summary: dict[str, Any] = {
-        role: evaluate_predictions(y_true, _softmax(logits[role], predictors[role].temperature))
+        role: evaluate_predictions(y_true, calibrated(predictors[role], logits[role]))
         for role in ("teacher", "student")
     }
     rows = sorted({r.row for r in student_runs})
     by_row = {row: [r for r in student_runs if r.row == row] for row in rows}
     for row, members in by_row.items():
-        best = max(members, key=lambda r: read_checkpoint_config(runs / r.name)["validation"]["val_balanced_accuracy"])
+        best = max(members, key=lambda r: CheckpointMeta.read(runs / r.name).validation["val_balanced_accuracy"])
         key = "scratch" if row == "mobilenetv3_scratch" else row
         if row != "mobilenetv3_kd":
             summary[key] = {"run": best.name, **evaluations[best.name]}
@@ -214,35 +195,24 @@ def build(
     summary["per_seed"] = {name: {k: e[k] for k in HEADLINE} for name, e in evaluations.items()}
     summary["teacher_selection"] = {
         p.name: {
-            **read_checkpoint_config(p)["validation"],
+            **CheckpointMeta.read(p).validation,
             "budget_epochs": budget,
-            "val_balanced_accuracy_within_budget": validation_score(p, budget)[0],
-            "val_loss_within_budget": -validation_score(p, budget)[1],
+            "val_balanced_accuracy_within_budget": CheckpointMeta.read(p).best_validation_score(budget)[0],
+            "val_loss_within_budget": -CheckpointMeta.read(p).best_validation_score(budget)[1],
         }
         for p in teachers
     }
     summary["calibration"] = {
         role: {
-            "temperature": predictors[role].temperature,
+            "temperature": predictors[role].meta.calibration_temperature,
             "test_ece_before": expected_calibration_error(y_true, _softmax(logits[role])),
-            "test_ece_after": expected_calibration_error(y_true, _softmax(logits[role], predictors[role].temperature)),
-            **{k: v for k, v in read_checkpoint_config(p)["calibration"].items() if k != "temperature"},
+            "test_ece_after": expected_calibration_error(y_true, calibrated(predictors[role], logits[role])),
+            **CheckpointMeta.read(p).calibration,
         }
         for role, p in (("teacher", teacher), ("student", student))
     }
     summary["localisation"] = {role: pointing_game(p, data) for role, p in predictors.items()}
-    efficiency = [
-        efficiency_row("teacher (ours, offline hybrid)", teacher, predictors["teacher"]),
-        efficiency_row("student (ours, MobileNetV3-Small)", student, predictors["student"]),
-    ]
-    lite = next((runs / r.name for r in student_runs if r.row == "efficientnet_lite0_kd"), None)
-    if lite is not None:
-        efficiency.append(efficiency_row("EfficientNet-Lite0 student", lite, load_predictor(lite)))
-    summary["efficiency"] = {
-        "rows": efficiency,
-        "torch_threads": torch.get_num_threads(),
-        "note": "batch 1, 224x224, 5 warm-up + 50 timed runs, PyTorch eager fp32",
-    }
+    summary["efficiency"] = efficiency
     summary["teacher_fp16_test_agreement"] = fp16_agreement(teacher, data, logits["teacher"])
     summary["split"] = {s: len(data.records[s]) for s in data.records}
     summary["split_sha256"] = data.split_sha256
@@ -291,7 +261,7 @@ def results_section(summary: dict[str, Any]) -> str:
             )
             + ".",
             "",
-            "Per-class Table 1, efficiency Table 2, confusion matrices, ROC, reliability and training curves: "
+            "Per-class Table 1, efficiency (benchmark.md), confusion matrices, ROC, reliability and training curves: "
             "[`reports/`](reports/).",
             "",
         ]
@@ -301,7 +271,6 @@ def results_section(summary: dict[str, Any]) -> str:
 def write_markdown(summary: dict[str, Any], out: Path) -> None:
     (out / "results.md").write_text(results_section(summary))
     (out / "table1_per_class.md").write_text(table1(summary["teacher"], summary["student"]))
-    (out / "table2_efficiency.md").write_text(table2(summary["efficiency"]["rows"]))
     (out / "kd_ablation.md").write_text(ablation_table(summary["ablation_mean_std"], summary["teacher"]))
     loc = summary["localisation"]
     (out / "localisation.md").write_text(
@@ -346,16 +315,16 @@ def write_figures(
     for role in ("teacher", "student", "scratch"):
         if role in summary:
             plot_confusion_matrix(summary[role], out / f"confusion_{role}.png", f"{role} (test)")
-    probs = {role: _softmax(logits[role], predictors[role].temperature) for role in logits}
+    probs = {role: calibrated(predictors[role], logits[role]) for role in logits}
     plot_roc({role: (y_true, p) for role, p in probs.items()}, out / "roc_malignant_vs_benign.png")
     for role, path in (("teacher", teacher), ("student", student)):
         plot_reliability(y_true, probs[role], out / f"reliability_{role}.png", f"{role} (test, calibrated)")
-        plot_training_curves(read_checkpoint_config(path)["history"], out / f"training_{role}.png", role)
+        plot_training_curves(list(CheckpointMeta.read(path).history), out / f"training_{role}.png", role)
 
 
 def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student: Path) -> None:
     t, s = summary["teacher"], summary["student"]
-    tcfg, scfg = read_checkpoint_config(teacher), read_checkpoint_config(student)
+    tmeta, smeta = CheckpointMeta.read(teacher), CheckpointMeta.read(student)
     loc = summary["localisation"]
     card = (
         f"""# Model card — BUSI teacher and distilled student
@@ -370,7 +339,7 @@ def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student
   Selected on validation among: {", ".join(summary["teacher_selection"])}.
 - `student.safetensors` — MobileNetV3-Small (1.52 M parameters), trained from scratch
   (no ImageNet weights are obtainable offline), distilled from the frozen teacher with
-  L = α·CE + (1−α)·T²·KL, T={scfg["training"]["temperature"]}, α={scfg["training"]["alpha"]}, on fixed augmented views
+  L = α·CE + (1−α)·T²·KL, T={smeta.training.kd_temperature}, α={smeta.training.alpha}, on fixed augmented views
   whose teacher logits are cached exactly. Run `{s["run"]}`, picked on validation.
 - Each JSON holds model args, preprocessing, training config, split-file sha256, validation
   history and the temperature fitted on validation (used at inference).
@@ -395,7 +364,7 @@ temperatures were chosen on validation only; the test split was used once, for t
         + f"""
 Grad-CAM pointing game on lesion test images: teacher {loc["teacher"]["pointing_game"]:.3f},
 student {loc["student"]["pointing_game"]:.3f} (chance {loc["student"]["chance_rate"]:.3f}).
-Teacher temperature {tcfg["calibration"]["temperature"]:.3f}, student {scfg["calibration"]["temperature"]:.3f}.
+Teacher temperature {tmeta.calibration_temperature:.3f}, student {smeta.calibration_temperature:.3f}.
 Full tables and figures: `reports/`.
 
 ## Intended use

@@ -1,9 +1,9 @@
-"""The live path: one grey frame -> prediction + Grad-CAM heat-map, as fast as available.
+"""One grey frame -> prediction + Grad-CAM heat-map, as fast as available (live, video, image).
 
-``load_cam_predictor(path)`` picks, for a checkpoint ``NAME``:
+``load_cam_predictor(path)`` (or ``cam_predictor_for(predictor, path)``) picks, for ``NAME``:
 
 1. ``onnxruntime``: the (logits, cam) graph. ``NAME.onnx`` is used when it was exported from
-   these very weights (``python -m kdcore.export``); otherwise the graph is exported in memory
+   these very weights (``python train.py export``); otherwise the graph is exported in memory
    at load time (a few seconds, nothing written to disk).
 2. ``pytorch``: the same forward-pass Grad-CAM in PyTorch, if onnxruntime is not installed.
 3. ``pytorch-grad-cam``: the reference implementation (hooks + backward pass), for models
@@ -19,12 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import cv2
 import numpy as np
 import torch
 
-from kdcore.explain import encode_jpeg, grad_cam, overlay_heatmap
-from kdcore.forward_cam import ResizedGreyCam, supports_forward_cam
+from kdcore.cam import ResizedGreyCam, grad_cam, supports_forward_cam
 from kdcore.inference import Prediction, Predictor, load_predictor
 
 BACKENDS = ("auto", "onnxruntime", "pytorch", "pytorch-grad-cam")
@@ -84,16 +82,16 @@ def torch_cam_runner(module: ResizedGreyCam) -> CamRunner:
 
 def onnx_cam_predictor(path: str | Path, predictor: Predictor, threads: int | None = None) -> ForwardCamPredictor:
     """onnxruntime backend: ``NAME.onnx`` if exported from these weights, else an in-memory export."""
-    from kdcore.export import OnnxPredictor, export_onnx, onnx_paths, onnx_session, onnx_weights_sha256
+    from kdcore.onnx_runtime import OnnxPredictor, export_onnx, onnx_paths, onnx_session, onnx_weights_sha256
 
     onnx_path, _ = onnx_paths(path)
-    if onnx_path.is_file() and onnx_weights_sha256(onnx_path) == predictor.config.get("weights_sha256"):
+    if onnx_path.is_file() and onnx_weights_sha256(onnx_path) == predictor.meta.weights_sha256:
         session = onnx_session(onnx_path, threads)
     else:
         if onnx_path.is_file():
             warnings.warn(f"{onnx_path.name} was exported from other weights; exporting again in memory", stacklevel=2)
-        session = onnx_session(export_onnx(predictor.model, predictor.config).SerializeToString(), threads)
-    onnx_predictor = OnnxPredictor(session, predictor.config, name=predictor.name)
+        session = onnx_session(export_onnx(predictor.model, predictor.meta).SerializeToString(), threads)
+    onnx_predictor = OnnxPredictor(session, predictor.meta, name=predictor.name)
     return ForwardCamPredictor(onnx_predictor, onnx_predictor.model.logits_and_cam, "onnxruntime")
 
 
@@ -103,9 +101,15 @@ def load_cam_predictor(path: str | Path, backend: str = "auto", threads: int | N
     ``backend`` forces one of ``BACKENDS``; ``threads`` sets onnxruntime's intra-op threads
     (None: its default).
     """
+    return cam_predictor_for(load_predictor(path), path, backend, threads)
+
+
+def cam_predictor_for(
+    predictor: Predictor, path: str | Path, backend: str = "auto", threads: int | None = None
+) -> CamPredictor:
+    """``load_cam_predictor`` for an already loaded predictor of checkpoint ``path``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    predictor = load_predictor(path)
     forward_cam = supports_forward_cam(predictor.model)
     if backend == "pytorch-grad-cam" or (backend == "auto" and not forward_cam):
         return GradCamPredictor(predictor)
@@ -119,13 +123,3 @@ def load_cam_predictor(path: str | Path, backend: str = "auto", threads: int | N
 
 def _has_onnxruntime() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
-
-
-def render_live_frame(
-    cam_predictor: CamPredictor, frame_rgb: np.ndarray, opacity: float = 0.4
-) -> tuple[Prediction, bytes]:
-    """One camera/video frame (HxWx3 RGB uint8) -> prediction and the JPEG of its heat-map overlay."""
-    grey = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
-    prediction, heatmap = cam_predictor.predict_with_cam(grey)
-    overlay = overlay_heatmap(frame_rgb, heatmap, opacity)
-    return prediction, encode_jpeg(cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))

@@ -1,50 +1,32 @@
-"""The Gradio interface: four tabs wired to kdcore handlers. ``app.py`` only parses the CLI.
+"""The Gradio interface: four tabs wired to the top-level handlers of ``kdcore.app.handlers``.
+``app.py`` only parses the CLI.
 
-Models are loaded once in ``build_demo`` and captured by the handlers; per-user state lives
-in ``gr.State`` (the analysed image, the live session), never in module globals.
+Models are loaded once in ``build_demo`` and bound to the handlers with ``functools.partial``;
+per-user state lives in ``gr.State`` (the analysed image, the live session), never in module
+globals.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
-from fastrtc import AdditionalOutputs, VideoStreamHandler, WebRTC
+from fastrtc import VideoStreamHandler, WebRTC
 from gradio.data_classes import ImageData
 
-from kdcore.about import about_markdown
+from kdcore.app import handlers
+from kdcore.app.about import about_markdown
+from kdcore.app.live_session import LiveSession
+from kdcore.app.patches.queue_hygiene import bound_queue_bookkeeping
+from kdcore.app.patches.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise_server_video_bitrate
+from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, ROLES, LoadedModels, load_models
+from kdcore.app.video import MAX_VIDEO_BYTES, VIDEO_SUFFIXES
 from kdcore.config import REPO_ROOT
-from kdcore.imaging import IMAGE_SUFFIXES, ImageReadError, read_grey_image
-from kdcore.live_session import LiveSession, RegionOfInterest
-from kdcore.queue_hygiene import bound_queue_bookkeeping
-from kdcore.service import (
-    DEFAULT_CHECKPOINT_DIR,
-    ROLES,
-    ImageAnalysis,
-    LoadedModels,
-    analyse_image,
-    load_models,
-    prediction_markdown,
-)
-from kdcore.video import (
-    MAX_VIDEO_BYTES,
-    VIDEO_SUFFIXES,
-    FrameResult,
-    VideoReadError,
-    analyse_clip,
-    clip_summary_markdown,
-    probe_clip,
-    timeline_table,
-)
-from kdcore.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise_server_video_bitrate
+from kdcore.imaging import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +38,6 @@ DISCLAIMER = (
 )
 DEFAULT_OPACITY = 0.4
 ROI_SIDES = ("left", "top", "right", "bottom")
-USER_ERRORS = (ImageReadError, VideoReadError)
 # Uploads and overlays may be patient images: every 10 minutes delete those older than
 # 10 minutes, and all of them when the server stops.
 CACHE_CLEANUP_SECONDS = (600, 600)
@@ -89,30 +70,6 @@ def launch_in_background(settings: AppSettings) -> gr.Blocks:
     demo = build_demo(settings)
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
     return demo
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn our user-facing read errors into ``gr.Error`` (shown in the browser, app keeps serving)."""
-
-    if inspect.isgeneratorfunction(fn):  # Gradio must still see a generator to stream its yields
-
-        @functools.wraps(fn)
-        def generator_wrapper(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except USER_ERRORS as exc:
-                raise gr.Error(str(exc)) from exc
-
-        return generator_wrapper
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
-
-    return wrapper
 
 
 def image_drop_box(**kwargs: Any) -> gr.Image:
@@ -162,20 +119,8 @@ class ComparisonPanel:
 
     @property
     def text_outputs(self) -> list[gr.components.Component]:
+        """In the order of ``handlers.summary_values``."""
         return [*self.summaries, *self.labels, self.agreement]
-
-    @staticmethod
-    def overlay_values(analysis: ImageAnalysis | None, opacity: float) -> list[np.ndarray | None]:
-        return [analysis.overlay(role, opacity) if analysis else None for role in ROLES]
-
-    @staticmethod
-    def text_values(analysis: ImageAnalysis) -> list[Any]:
-        predictions = [analysis.predictions.get(role) for role in ROLES]
-        return [
-            *(prediction_markdown(role, p) for role, p in zip(ROLES, predictions)),
-            *(p.probabilities if p else None for p in predictions),
-            analysis.agreement_markdown(),
-        ]
 
 
 def comparison_panel(prefix: str) -> ComparisonPanel:
@@ -214,47 +159,18 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
             panel = comparison_panel("image")
             result_json = gr.JSON(label="Result (JSON, as returned by /predict)")
 
-    @user_errors
-    def predict(path: str | None, opacity_value: float):
-        if not path:
-            return None, None, None, None
-        if not models.predictors:
-            raise gr.Error("No model is loaded; see the message at the top of the page.")
-        analysis = analyse_image(models, read_grey_image(path))
-        return analysis.as_json(), *panel.overlay_values(analysis, opacity_value), analysis
-
-    def show_text(analysis: ImageAnalysis | None):
-        if analysis is None:
-            return [""] * len(ROLES) + [None] * len(ROLES) + [""]
-        return panel.text_values(analysis)
-
     outputs = [result_json, *panel.overlays, analysis_state]
     for source, api_name in ((uploaded, "predict"), (pasted, "predict_image")):
-        source.change(predict, [source, opacity], outputs, api_name=api_name).success(
-            show_text, [analysis_state], panel.text_outputs, api_name=f"{api_name}_summary", show_api=False
+        source.change(partial(handlers.predict, models), [source, opacity], outputs, api_name=api_name).success(
+            handlers.summary_values,
+            [analysis_state],
+            panel.text_outputs,
+            api_name=f"{api_name}_summary",
+            show_api=False,
         )
     opacity.change(
-        panel.overlay_values, [analysis_state, opacity], panel.overlays, api_name="image_opacity", show_api=False
+        handlers.overlay_values, [analysis_state, opacity], panel.overlays, api_name="image_opacity", show_api=False
     )
-
-
-def live_frame(
-    models: LoadedModels,
-    frame_bgr: np.ndarray,
-    session: LiveSession,
-    opacity: float,
-    smoothing: float,
-    crop_left: float,
-    crop_top: float,
-    crop_right: float,
-    crop_bottom: float,
-):
-    """FastRTC handler: annotated frame every time, side-panel values at most ~10 times a second."""
-    roi = RegionOfInterest(crop_left, crop_top, crop_right, crop_bottom)
-    result = session.process(models.student_cam, frame_bgr, roi, smoothing, opacity)
-    if session.panel_due(time.perf_counter()):
-        return result.frame_bgr, AdditionalOutputs(result.probabilities, result.status_markdown())
-    return result.frame_bgr
 
 
 def _live_tab(models: LoadedModels) -> None:
@@ -286,21 +202,19 @@ def _live_tab(models: LoadedModels) -> None:
     panel = comparison_panel("frozen")
 
     stream.stream(
-        fn=VideoStreamHandler(functools.partial(live_frame, models), fps=30, skip_frames=True),
+        fn=VideoStreamHandler(partial(handlers.live_frame, models), fps=30, skip_frames=True),
         inputs=[stream, session, opacity, smoothing, *crops],
         outputs=[stream],
         time_limit=None,
         concurrency_limit=2,
     )
-    stream.on_additional_outputs(lambda probabilities, stats: (probabilities, stats), outputs=[live_label, live_stats])
-
-    def ask_teacher(live: LiveSession, opacity_value: float):
-        if live.last_grey is None:
-            raise gr.Error("No frame yet: start the live stream first.")
-        analysis = analyse_image(models, live.last_grey)
-        return *panel.overlay_values(analysis, opacity_value), *panel.text_values(analysis)
-
-    freeze.click(ask_teacher, [session, opacity], [*panel.overlays, *panel.text_outputs], api_name="ask_teacher")
+    stream.on_additional_outputs(handlers.live_panel, outputs=[live_label, live_stats])
+    freeze.click(
+        partial(handlers.ask_teacher, models),
+        [session, opacity],
+        [*panel.overlays, *panel.text_outputs],
+        api_name="ask_teacher",
+    )
 
 
 def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
@@ -317,32 +231,12 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
         x="time_s", y="probability", color="class", y_lim=[0, 1], label="Per-frame class probabilities"
     )
     summary = gr.Markdown()
-
-    @user_errors
-    def analyse_video(path: str | None, opacity_value: float) -> Iterator[tuple]:
-        if not path:
-            raise gr.Error("Upload a clip first.")
-        if models.student_cam is None:
-            raise gr.Error("The video view needs the student checkpoint, which is not loaded.")
-        info = probe_clip(path)
-        if info.capped:
-            gr.Warning(info.cap_message)
-        results: list[FrameResult] = []
-        overlay = None
-        started = time.perf_counter()
-        # Plain values only: for each gr.skip()/gr.update() output Gradio 5.50 adds a rebuilt
-        # copy of the component to the session's blocks, more per clip, never freed.
-        for overlay, result in analyse_clip(models.student_cam, path, info, opacity_value):
-            results.append(result)
-            wait = started + result.time_s - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)  # play back at the clip's own pace
-            status = f"frame {result.index + 1}/{info.frames_to_analyse} · {result.label} · {result.latency_ms:.1f} ms"
-            yield overlay, status, None, ""
-        wall = time.perf_counter() - started
-        yield overlay, "Done.", timeline_table(results), clip_summary_markdown(results, info, wall)
-
-    run.click(analyse_video, [clip, opacity], [frame, progress, timeline, summary], api_name="analyse_video")
+    run.click(
+        partial(handlers.analyse_video, models),
+        [clip, opacity],
+        [frame, progress, timeline, summary],
+        api_name="analyse_video",
+    )
 
 
 def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:

@@ -6,18 +6,17 @@ tested directly and reused by the image tab, the /predict API and "ask the teach
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kdcore.checkpoint import CheckpointError, checkpoint_paths
+from kdcore.cam_predictor import CamPredictor, cam_predictor_for
+from kdcore.checkpoint import CheckpointError, CheckpointMeta, checkpoint_paths
 from kdcore.config import REPO_ROOT
-from kdcore.explain import grad_cam, overlay_heatmap
-from kdcore.inference import Prediction, Predictor, load_predictor
-from kdcore.live import CamPredictor, load_cam_predictor
+from kdcore.inference import Prediction, load_predictor
+from kdcore.overlay import overlay_heatmap
 
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 ROLES = ("teacher", "student")
@@ -29,13 +28,18 @@ HOW_TO_GET_CHECKPOINTS = (
 
 @dataclass
 class LoadedModels:
-    """The predictors the app could load, and a user-facing note for each one it could not."""
+    """The models the app could load, each as its CAM predictor (the student's runs Grad-CAM
+    inside the forward pass, the teacher's through pytorch-grad-cam), with its checkpoint
+    record, and a user-facing note for each one it could not load."""
 
-    predictors: dict[str, Predictor] = field(default_factory=dict)
-    student_cam: CamPredictor | None = None
-    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cams: dict[str, CamPredictor] = field(default_factory=dict)
+    metas: dict[str, CheckpointMeta] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     model_card: str = ""
+
+    @property
+    def student_cam(self) -> CamPredictor | None:
+        return self.cams.get("student")
 
     @property
     def status_markdown(self) -> str:
@@ -53,14 +57,13 @@ def _load_role(folder: Path, role: str, models: LoadedModels) -> None:
         models.problems.append(f"{role}: checkpoint file(s) {', '.join(missing)} not found in the checkpoints folder.")
         return
     try:
-        models.predictors[role] = load_predictor(weights)
-        if role == "student":
-            models.student_cam = load_cam_predictor(weights)
+        predictor = load_predictor(weights)  # loaded once; the CAM predictor wraps it
+        models.cams[role] = cam_predictor_for(predictor, weights)
     except CheckpointError as exc:
         # Messages name files; strip the folder so no server path reaches the browser.
         models.problems.append(f"{role}: checkpoint is broken: {str(exc).replace(str(folder), '').lstrip('/')}")
         return
-    models.configs[role] = json.loads(config.read_text())
+    models.metas[role] = predictor.meta
 
 
 def load_models(folder: str | Path = DEFAULT_CHECKPOINT_DIR) -> LoadedModels:
@@ -104,8 +107,8 @@ class ImageAnalysis:
 def analyse_image(models: LoadedModels, grey: np.ndarray) -> ImageAnalysis:
     """Run every loaded model (with Grad-CAM) on one HxW uint8 image."""
     predictions, heatmaps = {}, {}
-    for role, predictor in models.predictors.items():
-        predictions[role], heatmaps[role] = grad_cam(predictor, grey)
+    for role, cam in models.cams.items():
+        predictions[role], heatmaps[role] = cam.predict_with_cam(grey)
     return ImageAnalysis(grey, predictions, heatmaps)
 
 

@@ -1,22 +1,36 @@
-"""Grad-CAM inside the forward pass, for classifiers whose head starts with global average pooling.
+"""Grad-CAM, two ways: inside the forward pass for GAP-first classifiers (exportable to ONNX,
+used for the student everywhere), and pytorch-grad-cam's hooks + backward pass (the
+reference in tests, and the teacher's CAM).
 
-After the pooling, the logits depend on the last feature map A (K x H x W) only through its
-spatial mean, so d logit_c / d A[k, i, j] = (d logit_c / d pooled[k]) / (H * W) at every
-position. Grad-CAM's channel weights are therefore the pooled-vector gradient divided by H * W,
-and that gradient is a product of the head's (tiny) Jacobians: no backward pass, no hooks,
-exportable to ONNX. The map is post-processed exactly as pytorch-grad-cam does it: ReLU,
-min-max, bilinear upsampling to the input size, min-max again.
+Forward pass: after the pooling, the logits depend on the last feature map A (K x H x W)
+only through its spatial mean, so d logit_c / d A[k, i, j] = (d logit_c / d pooled[k]) / (H * W)
+at every position. Grad-CAM's channel weights are therefore the pooled-vector gradient divided
+by H * W, and that gradient is a product of the head's (tiny) Jacobians: no backward pass, no
+hooks. The map is post-processed exactly as pytorch-grad-cam does it: ReLU, min-max, bilinear
+upsampling to the input size, min-max again.
+
+pytorch-grad-cam registers hooks on the model and is not thread-safe, so each call builds its
+own ``GradCAM`` inside a context manager (hooks released on exit) while holding the
+predictor's lock.
 """
 
 from __future__ import annotations
 
+import threading
+from weakref import WeakKeyDictionary
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from timm.layers import SelectAdaptivePool2d
 from timm.models.efficientnet import EfficientNet
 from timm.models.mobilenetv3 import MobileNetV3
 from torch import nn
 
+from kdcore.inference import Prediction, Predictor
+from kdcore.models import cam_target_layer
 from kdcore.transforms import Preprocess
 
 NORMALISE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image epsilon
@@ -127,3 +141,30 @@ class ResizedGreyCam(nn.Module):
 
     def forward(self, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cam(self.preprocess.normalize(small))
+
+
+_LOCKS: WeakKeyDictionary[Predictor, threading.Lock] = WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(predictor: Predictor) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(predictor, threading.Lock())
+
+
+def grad_cam(predictor: Predictor, grey: np.ndarray, class_index: int | None = None) -> tuple[Prediction, np.ndarray]:
+    """Prediction and an (S, S) Grad-CAM map in [0, 1] for the predicted (or given) class.
+
+    The prediction's latency is the plain forward pass, measured separately from the CAM.
+    The plain forward pass also runs under the lock: while GradCAM's hooks are registered,
+    any other forward pass through the model would overwrite the captured activations.
+    """
+    batch = predictor.preprocess(grey).unsqueeze(0)
+    with _lock_for(predictor):
+        prediction = predictor.predict(grey)
+        if class_index is None:
+            class_index = predictor.class_names.index(prediction.label)
+        target_layers = [cam_target_layer(predictor.model)]
+        with torch.enable_grad(), GradCAM(model=predictor.model, target_layers=target_layers) as cam:
+            heatmap = cam(input_tensor=batch, targets=[ClassifierOutputTarget(class_index)])[0]
+    return prediction, heatmap.astype(np.float32)
