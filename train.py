@@ -4,6 +4,7 @@ python train.py teacher   train the hybrid ViT+CNN teacher
 python train.py student   distil a student from a trained teacher (KD)
 python train.py scratch   train the same student without a teacher (the ablation)
 python train.py evaluate  score a checkpoint on BUSI's test split or any class folder
+python train.py cv        5-fold group-aware cross-validation of a recipe on train+val
 python train.py all       the whole reference protocol + reports (resumable)
 python train.py split     rebuild the near-duplicate groups and the split file
 python train.py report    rebuild reports/ from the runs of `all`
@@ -69,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "student":
             p.add_argument("--teacher", type=Path, default=Path("runs/offline/teacher"), help="teacher checkpoint")
 
+    p = sub.add_parser("cv", help="k-fold group-aware cross-validation of a recipe on train+val (resumable)")
+    _common(p)
+    p.add_argument("--name", required=True, help="name of this recipe's CV run (results: REPORTS/cv/NAME.json)")
+    p.add_argument("--role", choices=["teacher", "student", "scratch"], default="teacher", help="what to train")
+    p.add_argument("--init-weights", help="local weights file for the backbone (same as --set model.cnn_init=PATH)")
+    p.add_argument("--extra", action="store_true", help="use the preset's extra student (EfficientNet-Lite0)")
+    p.add_argument("--teacher-cv", help="KD students: the teacher CV run whose fold-k teacher fold k learns from")
+    p.add_argument("--k", type=int, default=5, help="number of folds (default: %(default)s)")
+    p.add_argument("--folds", type=int, nargs="+", help="only these folds (default: all)")
+    p.add_argument("--runs", type=Path, default=Path("runs/cv"), help="folder for the fold models")
+    p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports", help="results go to REPORTS/cv/")
+
     p = sub.add_parser("evaluate", help="score a checkpoint; writes JSON + Markdown + confusion PNG")
     p.add_argument("--checkpoint", type=Path, required=True, help="NAME.safetensors (with NAME.json beside it)")
     p.add_argument(
@@ -113,7 +126,7 @@ def shorthand_settings(args: argparse.Namespace) -> list[str]:
 
 def command_recipe(preset: Preset, args: argparse.Namespace) -> Recipe:
     """The preset's teacher, student or extra-student recipe with the command line's settings."""
-    if args.command == "teacher":
+    if args.command == "teacher" or getattr(args, "role", "") == "teacher":
         recipe = Recipe(preset.teacher, preset.teacher_preprocess, preset.teacher_train)
     elif getattr(args, "extra", False):
         if preset.extra_student is None:
@@ -155,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         data = protocol.load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
         recipe = command_recipe(preset, args)
+        if args.command == "cv":
+            from kdcore.experiment import cv
+
+            folds = tuple(args.folds) if args.folds else None
+            results = args.reports / "cv"
+            cv.run_cv(args.name, args.role, recipe, data, args.runs, results, args.k, folds, args.teacher_cv)
+            (results / "README.md").write_text(cv.CV_README + cv.cv_table(results))
+            print(cv.cv_table(results))
+            return 0
         if args.command == "teacher":
             path = protocol.train_teacher(recipe.model, recipe.preprocess, recipe.train, data, args.out, args.resume)
         else:

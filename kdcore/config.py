@@ -86,6 +86,8 @@ class TrainConfig:
     views_per_image: int = 16
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     subset: int = 0  # >0: use at most this many images per split (smoke runs)
+    keep: str = "best"  # best: the best validation epoch, early stopping; last: the fixed schedule's end (CV)
+    backbone_lr_scale: float = 1.0  # pretrained layers learn at lr * this; new layers (head, branch) at lr
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from kdcore.config import CLASS_NAMES, TrainConfig
 from kdcore.distill import Distiller
-from kdcore.models import WeightsError, load_tensor_file, set_train_mode
+from kdcore.models import WeightsError, load_tensor_file, new_layer_parameters, set_train_mode
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
 
@@ -150,8 +150,15 @@ def fit(
     model.to(memory_format=torch.channels_last)
     weights = class_weights_for(train_labels) if cfg.class_weighting else None
     distiller = Distiller(model, None, cfg.alpha, cfg.kd_temperature, weights, cfg.label_smoothing)
+    if cfg.keep not in ("best", "last"):
+        raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
+    new = {id(p) for p in new_layer_parameters(model)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [
+        {"params": [p for p in trainable if id(p) in new], "lr": cfg.lr},
+        {"params": [p for p in trainable if id(p) not in new], "lr": cfg.lr * cfg.backbone_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, warmup))
@@ -170,7 +177,7 @@ def fit(
         print(f"[{desc}] resumed after epoch {saved['epoch']}")
     stale = start_epoch - 1 - result.best_epoch
     for epoch in range(start_epoch, cfg.epochs + 1):
-        if stale >= cfg.patience:
+        if cfg.keep == "best" and stale >= cfg.patience:
             print(f"[{desc}] early stop: no validation gain for {cfg.patience} epochs")
             break
         seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seeding makes --resume exact
@@ -202,7 +209,7 @@ def fit(
         }
         result.history.append(row)
         score = (row["val_balanced_accuracy"], -row["val_loss"])
-        improved = score > result.best_score
+        improved = score > result.best_score if cfg.keep == "best" else True
         if improved:
             result.best_state = {k: v.clone() for k, v in model.state_dict().items()}
             result.best_epoch, result.best_score, stale = epoch, score, 0

@@ -273,5 +273,13 @@ def cam_target_layer(model: nn.Module) -> nn.Module:
     return CAM_LAYERS[type(model)](model)
 
 
+def new_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the layers a run adds on top of a backbone: the teacher's global branch and
+    head, or a timm model's classifier. They learn at the full rate when the backbone is slowed."""
+    if isinstance(model, HybridTeacher):
+        return [*model.vit.parameters(), *model.head.parameters()]
+    return list(model.get_classifier().parameters())
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -93,7 +93,7 @@ def make_fake_busi(root: Path, per_class: int = 4) -> Path:
 def test_help_lists_every_subcommand(tmp_path):
     result = run_train("--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for command in ("teacher", "student", "scratch", "evaluate", "all"):
+    for command in ("teacher", "student", "scratch", "cv", "evaluate", "all"):
         assert command in result.stdout
 
 
@@ -105,6 +105,7 @@ def test_help_lists_every_subcommand(tmp_path):
         ("scratch", ["--preset", "--data", "--out", "--subset"]),
         ("evaluate", ["--checkpoint", "--data", "--out", "--split-file"]),
         ("all", ["--runs", "--ship-dir", "--reports", "--seeds", "--subset"]),
+        ("cv", ["--name", "--role", "--teacher-cv", "--k", "--folds", "--set", "--runs", "--reports"]),
     ],
 )
 def test_each_subcommand_explains_its_options(tmp_path, command, options):
@@ -152,6 +153,42 @@ def test_evaluate_any_class_folder_writes_json_markdown_and_png(tmp_path, tiny_c
     with Image.open(out.with_suffix(".png")) as png:
         assert png.format == "PNG" and png.width > 100
     assert json.loads(stdout)["n"] == 6
+
+
+def _external_folder_with_manifest(root: Path) -> Path:
+    """A second-hospital folder as BrEaST-Lesions-USG ships: class folders, masks/, manifest.csv."""
+    rows = []
+    for c, label in enumerate(("benign", "malignant")):
+        (root / label).mkdir(parents=True)
+        for i in range(2):
+            rel = f"{label}/case{c}{i}.png"
+            Image.fromarray(_synthetic_ultrasound(50 + 10 * c + i, c)).save(root / rel)
+            rows.append([rel, label, 120, 96, "L", f"case{c}{i}_tumor.png", _sha256(root / rel), _sha256(root / rel)])
+    (root / "masks").mkdir()
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "width", "height", "mode", "masks", "sha256_original", "sha256", "birads"])
+        writer.writerows(row + ["4a"] for row in rows)
+    return root
+
+
+def test_evaluate_external_folder_with_its_own_manifest(tmp_path, tiny_checkpoints, capsys):
+    """A folder with a manifest is not mistaken for BUSI: its class folders are scored, files checked."""
+    data = _external_folder_with_manifest(tmp_path / "external")
+    out = tmp_path / "external.json"
+    code, stdout, err = run_main(
+        capsys, "evaluate", "--checkpoint", tiny_checkpoints["student"], "--data", data, "--out", out
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["n"] == 4
+    assert json.loads(out.read_text())["per_class"]["malignant"]["support"] == 2
+
+    with open(data / "benign" / "case01.png", "ab") as f:
+        f.write(b"changed")
+    code, _, err = run_main(
+        capsys, "evaluate", "--checkpoint", tiny_checkpoints["student"], "--data", data, "--out", out
+    )
+    assert code == 2 and "benign/case01.png" in err and "sha256" in err
 
 
 def test_evaluate_on_busi_scores_exactly_the_test_rows(busi_dir, tiny_checkpoints, tmp_path, capsys):
@@ -300,3 +337,51 @@ def test_all_smoke_on_busi_ships_models_and_writes_reports(busi_dir, tmp_path):
     assert json.loads((ship / "student.json").read_text())["role"] == "student_kd"
     assert load_predictor(ship / "student").class_names == CLASS_NAMES
     assert any(reports.iterdir())
+    # One efficiency measurement: the report's rows are the benchmark's, in MiB.
+    summary = json.loads((reports / "summary.json").read_text())
+    benchmark = json.loads((reports / "benchmark.json").read_text())
+    assert summary["efficiency"]["rows"] == benchmark["rows"]
+    assert not (reports / "table2_efficiency.md").exists()
+
+
+@pytest.mark.slow
+def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_path, capsys):
+    """train.py cv: a fold's model is trained on the other folds and scored on its own; reruns skip it."""
+    common = ["--data", busi_dir, "--subset", "24", "--epochs", "1", "--k", "2", "--folds", "0"]
+    places = ["--runs", tmp_path / "runs", "--reports", tmp_path / "reports"]
+    code, _, err = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places)
+    assert code == 0, err[-3000:]
+    result = json.loads((tmp_path / "reports" / "cv" / "t.json").read_text())
+    fold = result["folds"][0]
+    assert fold["fold"] == 0 and fold["n"] == len(fold["files"]) == len(fold["probabilities"]) > 0
+    train_files = {r.file for r in read_split_file(DEFAULT_SPLIT_FILE) if r.split in ("train", "val")}
+    assert set(fold["files"]) <= train_files  # never a test image
+    assert result["recipe"]["train"]["epochs"] == 1
+
+    code, _, err = run_main(
+        capsys, "cv", "--name", "s", "--role", "student", "--teacher-cv", "t", *common, *places, "--set", "alpha=0.3"
+    )
+    assert code == 0, err[-3000:]
+    student = json.loads((tmp_path / "reports" / "cv" / "s.json").read_text())
+    assert student["teacher_cv"] == "t" and student["recipe"]["train"]["alpha"] == 0.3
+    assert student["folds"][0]["files"] == fold["files"]  # the same folds for every recipe
+    table = (tmp_path / "reports" / "cv" / "README.md").read_text()
+    assert "| t | teacher | 1/2 |" in table and "| s | student | 1/2 |" in table
+
+    before = (tmp_path / "reports" / "cv" / "t.json").read_text()
+    code, _, _ = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places)
+    assert code == 0 and (tmp_path / "reports" / "cv" / "t.json").read_text() == before  # resumed: nothing redone
+
+
+def test_set_overrides_any_recipe_value_and_refuses_unknown_keys():
+    from kdcore.config import OFFLINE, Recipe
+
+    recipe = Recipe(OFFLINE.student, OFFLINE.student_preprocess, OFFLINE.student_train)
+    changed = recipe.with_settings(["lr=3e-4", "augment.hflip=false", "model.cnn_name=x", "preprocess.input_size=96"])
+    assert changed.train.lr == 3e-4 and changed.train.augment.hflip is False
+    assert changed.model.cnn_name == "x" and changed.preprocess.input_size == 96
+    assert recipe.with_settings(["epochs=3"]).train.epochs == 3
+    assert recipe.with_settings(["augment.crop_scale=[0.5, 1]"]).train.augment.crop_scale == (0.5, 1)
+    for bad, message in (("lrr=1", "unknown setting 'lrr'"), ("epochs=many", "expected int"), ("lr", "KEY=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            recipe.with_settings([bad])

@@ -211,9 +211,7 @@ def test_training_and_model_selection_never_touch_the_test_split(data, tmp_path)
         assert set(meta.validation) >= {"val_loss", "val_accuracy", "val_balanced_accuracy"}
         assert "test" not in json.dumps({"validation": meta.validation, "history": meta.history})
         assert meta.calibration_temperature > 0
-    assert (
-        meta.teacher_weights_sha256 == json.loads(teacher_path.with_suffix(".json").read_text())["weights_sha256"]
-    )
+    assert meta.teacher_weights_sha256 == json.loads(teacher_path.with_suffix(".json").read_text())["weights_sha256"]
     # The teacher's logits on the fixed views were cached for the next student.
     assert list((tmp_path / "work").glob("teacher_logits_*.pt"))
 

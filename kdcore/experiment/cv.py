@@ -1,0 +1,165 @@
+"""Group-aware k-fold cross-validation on train+val: how every recipe decision is made.
+
+Each fold trains the recipe on the other folds for its fixed schedule (``keep=last``: nothing
+is selected on the held-out fold) and scores the held-out fold once. The folds come from
+``StratifiedGroupKFold`` over the near-duplicate groups, so no group is on both sides; the test
+split is never read. Results go to ``reports/cv/NAME.json`` (per-fold scores, mean ± std and
+the out-of-fold probabilities); folds already scored are skipped, so a run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcore.config import CLASS_NAMES, Recipe
+from kdcore.data import cross_validation_folds
+from kdcore.experiment.protocol import BusiData, train_student, train_teacher
+from kdcore.inference import load_predictor
+from kdcore.metrics import evaluate_predictions
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "malignant_recall", "auc_malignant_vs_benign")
+ROLES = ("teacher", "student", "scratch")
+CV_README = """# Cross-validation results
+
+5-fold group-aware stratified cross-validation on train+val (603 images; near-duplicate groups
+never straddle folds; the test split is not read). Each row: `python train.py cv --name NAME ...`
+with the recipe stored in `NAME.json`; mean ± std over folds, uncalibrated out-of-fold scores,
+the fold models trained for their fixed schedule (nothing selected on the held-out fold).
+Wall seconds on the 2-core CPU machine.
+
+"""
+
+
+def fold_data(data: BusiData, fold: int, k: int, seed: int = 0) -> BusiData:
+    """Fold ``fold`` of train+val as a ``BusiData``: the other folds are "train", this one "val"."""
+    pool = data.records["train"] + data.records["val"]
+    greys = dict(zip((r.file for r in pool), data.greys["train"] + data.greys["val"]))
+    train_records, held_out = cross_validation_folds(pool, k=k, seed=seed)[fold]
+    records = {"train": train_records, "val": held_out, "test": []}
+    return BusiData(
+        root=data.root,
+        split_sha256=data.split_sha256,
+        records=records,
+        labels={
+            s: torch.tensor([CLASS_NAMES.index(r.label) for r in rs], dtype=torch.long) for s, rs in records.items()
+        },
+        greys={s: [greys[r.file] for r in rs] for s, rs in records.items()},
+    )
+
+
+def train_fold(
+    role: str, recipe: Recipe, data: BusiData, out_path: Path, teacher_path: Path | None, resume: bool
+) -> Path:
+    """One fold's model: a teacher (fresh augmentation) or a student (view bank, KD or scratch)."""
+    train_cfg = replace(recipe.train, keep="last")
+    if role == "teacher":
+        return train_teacher(recipe.model, recipe.preprocess, train_cfg, data, out_path, resume)
+    return train_student(recipe.model, recipe.preprocess, train_cfg, data, out_path, teacher_path, resume)
+
+
+def fold_result(checkpoint: Path, data: BusiData) -> dict[str, Any]:
+    """Scores of a fold's model on its held-out fold (uncalibrated probabilities)."""
+    predictor = load_predictor(checkpoint)
+    probs = torch.softmax(predictor.logits_for(data.greys["val"]), dim=1).numpy()
+    y_true = data.labels["val"].numpy()
+    scores = evaluate_predictions(y_true, probs)
+    return {
+        **{key: scores[key] for key in ("n", *HEADLINE)},
+        "files": [r.file for r in data.records["val"]],
+        "labels": [r.label for r in data.records["val"]],
+        "probabilities": np.round(probs, 5).tolist(),
+    }
+
+
+def summarise(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over folds, and the pooled out-of-fold scores."""
+    summary: dict[str, Any] = {}
+    for key in HEADLINE:
+        values = [f[key] for f in folds if f[key] is not None]
+        summary[key] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        }
+    return summary
+
+
+def pooled_scores(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Scores of all out-of-fold predictions pooled together."""
+    y_true = np.array([CLASS_NAMES.index(label) for fold in folds for label in fold["labels"]])
+    probs = np.array([p for fold in folds for p in fold["probabilities"]])
+    scores = evaluate_predictions(y_true, probs)
+    return {key: scores[key] for key in ("n", *HEADLINE)}
+
+
+def run_cv(
+    name: str,
+    role: str,
+    recipe: Recipe,
+    data: BusiData,
+    runs_dir: Path,
+    results_dir: Path,
+    k: int = 5,
+    folds: tuple[int, ...] | None = None,
+    teacher_cv: str | None = None,
+) -> dict[str, Any]:
+    """Cross-validate one recipe; returns (and writes) ``results_dir/NAME.json``."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role == "student" and not teacher_cv:
+        raise ValueError("a KD student needs --teacher-cv NAME: the CV run whose fold teachers it learns from")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    out_json = results_dir / f"{name}.json"
+    previous = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    done = {f["fold"]: f for f in previous.get("folds", [])}
+    for fold in folds if folds is not None else range(k):
+        if fold in done:
+            continue
+        data_k = fold_data(data, fold, k)
+        teacher = runs_dir / teacher_cv / f"fold{fold}" if role == "student" else None
+        started = time.time()
+        checkpoint = train_fold(role, recipe, data_k, runs_dir / name / f"fold{fold}", teacher, resume=True)
+        done[fold] = {"fold": fold, "seconds": round(time.time() - started, 1), **fold_result(checkpoint, data_k)}
+        print(f"[cv {name}] fold {fold}: accuracy {done[fold]['accuracy']:.3f}", flush=True)
+        _write(out_json, name, role, recipe, k, teacher_cv, [done[f] for f in sorted(done)])
+    return json.loads(out_json.read_text())
+
+
+def _write(
+    path: Path, name: str, role: str, recipe: Recipe, k: int, teacher_cv: str | None, folds: list[dict[str, Any]]
+) -> None:
+    result = {
+        "name": name,
+        "role": role,
+        "k": k,
+        "teacher_cv": teacher_cv,
+        "recipe": asdict(recipe),
+        "cpu_seconds_wall": round(sum(f["seconds"] for f in folds), 1),
+        "mean_std": summarise(folds),
+        "pooled": pooled_scores(folds),
+        "folds": folds,
+    }
+    path.write_text(json.dumps(result, indent=1))
+
+
+def cv_table(results_dir: Path) -> str:
+    """Markdown table of every CV result in ``results_dir``: mean ± std over folds."""
+    rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    lines = [
+        "| recipe | role | folds | " + " | ".join(HEADLINE) + " | wall s |",
+        "|---|---|---|" + "---|" * len(HEADLINE) + "---|",
+    ]
+    for r in rows:
+        cells = [f"{r['mean_std'][k]['mean']:.3f} ± {r['mean_std'][k]['std']:.3f}" for k in HEADLINE]
+        lines.append(
+            f"| {r['name']} | {r['role']} | {len(r['folds'])}/{r['k']} | "
+            + " | ".join(cells)
+            + f" | {r['cpu_seconds_wall']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
