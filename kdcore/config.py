@@ -56,7 +56,7 @@ class ModelConfig:
     kind: str
     cnn_name: str
     cnn_init: str = "none"
-    frozen_blocks: int = 0  # stem + this many first CNN blocks stay frozen (weights and BN)
+    frozen_blocks: int = 0  # stem + this many first CNN blocks stay frozen (weights and BN); -1: all but the head
     global_branch: str = "none"  # none | feature_transformer | vit
     vit_name: str = ""
     vit_init: str = "none"
@@ -84,10 +84,15 @@ class TrainConfig:
     alpha: float = 0.5
     kd_temperature: float = 4.0  # distillation softening; not the calibration temperature
     views_per_image: int = 16
+    mixup_views: int = 0  # extra bank views per image: mixups with another image (function matching)
+    mixup_alpha: float = 0.4
+    attention_weight: float = 0.0  # > 0: the student also matches the teacher's attention map (AT)
+    mask_weight: float = 0.0  # > 0: the student's attention is pulled into the training images' lesion masks
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     subset: int = 0  # >0: use at most this many images per split (smoke runs)
     keep: str = "best"  # best: the best validation epoch, early stopping; last: the fixed schedule's end (CV)
     backbone_lr_scale: float = 1.0  # pretrained layers learn at lr * this; new layers (head, branch) at lr
+    freeze_batchnorm: bool = False  # BatchNorm layers keep their stored (ImageNet) statistics while training
 
 
 @dataclass(frozen=True)

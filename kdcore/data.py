@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import imagehash
 import numpy as np
 import torch
@@ -234,6 +235,28 @@ def folder_records(root: Path) -> list[ImageRecord]:
 def resize_all(greys: list[np.ndarray], size: int) -> torch.Tensor:
     """(N, 1, size, size) uint8 cache of grey images, resized as ``Preprocess.resize`` does."""
     return torch.stack([torch.from_numpy(resize_grey(g, size)).unsqueeze(0) for g in greys])
+
+
+def lesion_mask(root: Path, record: ImageRecord) -> np.ndarray | None:
+    """Union of an image's lesion masks (BUSI: benign and malignant images), or None if it has none."""
+    masks = []
+    for name in record.masks:
+        with Image.open(Path(root) / Path(record.file).parent / name) as mask:
+            masks.append(np.asarray(mask.convert("L")) > 0)
+    union = np.logical_or.reduce(masks) if masks else None
+    return union if union is not None and union.any() else None
+
+
+def resized_masks(root: Path, records: list[ImageRecord], size: int) -> torch.Tensor:
+    """(N, 1, size, size) uint8 lesion masks (1 inside a lesion; all 0 for images without one),
+    resized like the images (squashed to size x size, nearest neighbour)."""
+    out = torch.zeros((len(records), 1, size, size), dtype=torch.uint8)
+    for i, record in enumerate(records):
+        mask = lesion_mask(root, record)
+        if mask is not None:
+            small = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+            out[i, 0] = torch.from_numpy(small)
+    return out
 
 
 def label_indices(records: list[ImageRecord]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Knowledge-distillation loss and a distiller whose forward returns a dict of losses."""
+"""Knowledge-distillation losses (logits; where the network looks) and a distiller whose
+forward returns a dict of losses."""
 
 from __future__ import annotations
 
@@ -17,6 +18,31 @@ def kd_kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kd_te
     return kd_temperature**2 * kl
 
 
+def attention_map(feature_map: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, K, H, W) -> (B, side*side): where a network looks (Zagoruyko & Komodakis, ICLR 2017):
+    the channel mean of squared activations, pooled to ``side`` x ``side``, L2-normalised."""
+    energy = F.adaptive_avg_pool2d(feature_map.pow(2).mean(dim=1, keepdim=True), side).flatten(1)
+    return F.normalize(energy, dim=1)
+
+
+def attention_transfer_term(student_map: torch.Tensor, teacher_attention: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance between the student's and the teacher's unit attention vectors, batch mean."""
+    side = int(round(teacher_attention.shape[1] ** 0.5))
+    return (attention_map(student_map, side) - teacher_attention).pow(2).sum(dim=1).mean()
+
+
+def lesion_focus_term(feature_map: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """-log of the share of the attention energy inside the lesion, mean over the images that
+    have a lesion (0 if none has): pulls where the network looks onto the annotated lesion."""
+    energy = feature_map.pow(2).mean(dim=1, keepdim=True)
+    share = energy / energy.sum(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    inside = (F.adaptive_max_pool2d(masks.float(), energy.shape[2:]) > 0).float()
+    has_lesion = inside.sum(dim=(1, 2, 3)) > 0
+    if not has_lesion.any():
+        return feature_map.sum() * 0.0
+    return -(share * inside).sum(dim=(1, 2, 3))[has_lesion].clamp_min(1e-6).log().mean()
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -28,7 +54,8 @@ def kd_loss(
 ) -> dict[str, torch.Tensor]:
     """L = alpha*CE + (1-alpha)*T^2*KL; without teacher logits it is plain CE.
 
-    Returns ``{"loss", "ce", "kd"}`` (``kd`` is 0 without a teacher).
+    ``targets`` are class indices or class probabilities (mixup views). Returns
+    ``{"loss", "ce", "kd"}`` (``kd`` is 0 without a teacher).
     """
     ce = F.cross_entropy(student_logits, targets, weight=class_weights, label_smoothing=label_smoothing)
     if teacher_logits is None:
@@ -40,8 +67,11 @@ def kd_loss(
 class Distiller(nn.Module):
     """Student + frozen teacher. ``train()`` never wakes the teacher (BN and Dropout stay off).
 
-    ``forward(images, targets, teacher_logits=None)`` uses cached teacher logits when given
-    (exact for fixed augmented views), otherwise runs the teacher under ``no_grad``.
+    ``forward(images, targets, teacher_logits=None, teacher_attention=None)`` uses cached
+    teacher outputs when given (exact for fixed augmented views), otherwise runs the teacher
+    under ``no_grad``. With ``attention_weight`` > 0 and teacher attention maps, the student
+    also learns where the teacher looks (``loss += weight * at``); with ``mask_weight`` > 0 and
+    lesion masks, its attention is pulled into the lesions (``loss += mask_weight * mask``).
     """
 
     def __init__(
@@ -52,8 +82,14 @@ class Distiller(nn.Module):
         kd_temperature: float,
         class_weights: torch.Tensor | None = None,
         label_smoothing: float = 0.0,
+        freeze_batchnorm: bool = False,
+        attention_weight: float = 0.0,
+        mask_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        self.freeze_batchnorm = freeze_batchnorm
+        self.attention_weight = attention_weight
+        self.mask_weight = mask_weight
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -67,7 +103,7 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True) -> Distiller:
         self.training = mode
-        set_train_mode(self.student, mode)
+        set_train_mode(self.student, mode, self.freeze_batchnorm)
         if self.teacher is not None:
             self.teacher.eval()
         return self
@@ -77,11 +113,21 @@ class Distiller(nn.Module):
         images: torch.Tensor,
         targets: torch.Tensor,
         teacher_logits: torch.Tensor | None = None,
+        teacher_attention: torch.Tensor | None = None,
+        lesion_masks: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        logits = self.student(images)
+        feature_map = self.student.forward_features(images)
+        logits = self.student.forward_head(feature_map)
         if teacher_logits is None and self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
-        return kd_loss(
+        losses = kd_loss(
             logits, teacher_logits, targets, self.alpha, self.kd_temperature, self.class_weights, self.label_smoothing
         )
+        if self.attention_weight > 0 and teacher_attention is not None:
+            at = attention_transfer_term(feature_map, teacher_attention)
+            losses = {**losses, "loss": losses["loss"] + self.attention_weight * at, "at": at.detach()}
+        if self.mask_weight > 0 and lesion_masks is not None:
+            focus = lesion_focus_term(feature_map, lesion_masks)
+            losses = {**losses, "loss": losses["loss"] + self.mask_weight * focus, "mask": focus.detach()}
+        return {"at": torch.zeros(()), "mask": torch.zeros(()), **losses}

@@ -29,8 +29,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+EMPTY = torch.empty(0)  # what a sample carries in place of teacher outputs or a mask it has not got
+
+
 class OnlineAugmented(Dataset):
-    """Cached resized images, augmented afresh every time (teacher training)."""
+    """Cached resized images, augmented afresh every time (teacher training).
+
+    Items: (image, class index, no teacher logits, no teacher attention, no mask).
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: UltrasoundAugment | None) -> None:
         self.images, self.labels, self.augment = images, labels, augment
@@ -40,41 +46,87 @@ class OnlineAugmented(Dataset):
 
     def __getitem__(self, i: int):
         image = self.images[i] if self.augment is None else self.augment(self.images[i])
-        return image, self.labels[i], torch.full((len(CLASS_NAMES),), float("nan"))
+        return image, self.labels[i], EMPTY, EMPTY, EMPTY
+
+
+@dataclass(frozen=True)
+class ViewBank:
+    """V fixed views per training image and their targets: (N, V, 1, S, S) uint8 views,
+    (N, V, C) class probabilities (one-hot, or the mixing weights of a mixup view) and,
+    optionally, the (N, V, 1, S, S) lesion masks moved with each view (0 on mixup views)."""
+
+    views: torch.Tensor
+    targets: torch.Tensor
+    masks: torch.Tensor | None = None
 
 
 class FixedViewBank(Dataset):
-    """V fixed augmented views per image, with the teacher's logits on each view.
+    """A ``ViewBank`` with the teacher's outputs on each view; each epoch picks one view per image.
 
-    Caching the teacher's logits is exact here because the student sees exactly the
-    views the teacher scored; each epoch picks one view per image at random.
+    Caching the teacher's logits (and attention maps) is exact here because the student sees
+    exactly the views the teacher scored. Items: (view, target probabilities, teacher logits,
+    teacher attention, lesion mask), the teacher parts empty without a teacher, the mask
+    empty without masks.
     """
 
-    def __init__(self, views: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None) -> None:
-        self.views, self.labels, self.teacher_logits = views, labels, teacher_logits
+    def __init__(
+        self,
+        bank: ViewBank,
+        teacher_logits: torch.Tensor | None,
+        teacher_attention: torch.Tensor | None = None,
+    ) -> None:
+        self.bank, self.teacher_logits, self.teacher_attention = bank, teacher_logits, teacher_attention
 
     def __len__(self) -> int:
-        return len(self.views)
+        return len(self.bank.views)
 
     def __getitem__(self, i: int):
-        v = int(torch.randint(self.views.shape[1], ()))
-        logits = (
-            self.teacher_logits[i, v]
-            if self.teacher_logits is not None
-            else torch.full((len(CLASS_NAMES),), float("nan"))
-        )
-        return self.views[i, v], self.labels[i], logits
+        v = int(torch.randint(self.bank.views.shape[1], ()))
+        logits = EMPTY if self.teacher_logits is None else self.teacher_logits[i, v]
+        attention = EMPTY if self.teacher_attention is None else self.teacher_attention[i, v]
+        mask = EMPTY if self.bank.masks is None else self.bank.masks[i, v]
+        return self.bank.views[i, v], self.bank.targets[i, v], logits, attention, mask
 
 
-def build_view_bank(images: torch.Tensor, augment: UltrasoundAugment, views: int, seed: int) -> torch.Tensor:
-    """(N, V, 1, S, S) uint8: view 0 is the plain image, the rest are seeded augmentations."""
+def build_view_bank(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    augment: UltrasoundAugment,
+    views: int,
+    seed: int,
+    mixup_views: int = 0,
+    mixup_alpha: float = 0.4,
+    masks: torch.Tensor | None = None,
+) -> ViewBank:
+    """View 0 is the plain image, views 1..V-1 seeded augmentations; then ``mixup_views`` views
+    that blend an augmentation of the image with one of another random image (weight
+    lambda >= 0.5 on this image, lambda ~ Beta(alpha, alpha)), targets mixed alike. Mixup views
+    widen where the student matches the teacher's function (Beyer et al., CVPR 2022). With
+    (N, 1, S, S) lesion ``masks``, each plain view's mask is moved with it."""
     seed_everything(seed)
-    bank = torch.empty((len(images), views, *images.shape[1:]), dtype=torch.uint8)
+    n, classes = len(images), len(CLASS_NAMES)
+    bank = torch.empty((n, views + mixup_views, *images.shape[1:]), dtype=torch.uint8)
+    targets = torch.zeros((n, views + mixup_views, classes))
+    view_masks = None if masks is None else torch.zeros_like(bank)
+    one_hot = F.one_hot(labels, classes).float()
+    beta = torch.distributions.Beta(mixup_alpha, mixup_alpha)
     for i, image in enumerate(tqdm(images, desc="augmented views", leave=False)):
-        bank[i, 0] = image
+        bank[i, 0], targets[i, :views] = image, one_hot[i]
+        if view_masks is not None:
+            view_masks[i, 0] = masks[i]
         for v in range(1, views):
-            bank[i, v] = augment(image)
-    return bank
+            if view_masks is None:
+                bank[i, v] = augment(image)
+            else:
+                bank[i, v], view_masks[i, v] = augment.with_mask(image, masks[i])
+        for v in range(views, views + mixup_views):
+            j = (i + int(torch.randint(1, n, ()))) % n if n > 1 else i
+            lam = float(beta.sample())
+            lam = max(lam, 1 - lam)
+            mixed = lam * augment(image).float() + (1 - lam) * augment(images[j]).float()
+            bank[i, v] = mixed.round().clamp(0, 255).to(torch.uint8)
+            targets[i, v] = lam * one_hot[i] + (1 - lam) * one_hot[j]
+    return ViewBank(bank, targets, view_masks)
 
 
 def to_model_input(preprocess: Preprocess, images: torch.Tensor) -> torch.Tensor:
@@ -149,7 +201,17 @@ def fit(
     seed_everything(cfg.seed)
     model.to(memory_format=torch.channels_last)
     weights = class_weights_for(train_labels) if cfg.class_weighting else None
-    distiller = Distiller(model, None, cfg.alpha, cfg.kd_temperature, weights, cfg.label_smoothing)
+    distiller = Distiller(
+        model,
+        None,
+        cfg.alpha,
+        cfg.kd_temperature,
+        weights,
+        cfg.label_smoothing,
+        cfg.freeze_batchnorm,
+        cfg.attention_weight,
+        cfg.mask_weight,
+    )
     if cfg.keep not in ("best", "last"):
         raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
     new = {id(p) for p in new_layer_parameters(model)}
@@ -185,11 +247,16 @@ def fit(
             train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size
         )
         distiller.train()
-        started, sums, count = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0}, 0
+        started, sums, count = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0, "at": 0.0, "mask": 0.0}, 0
         bar = tqdm(loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False)
-        for images, targets, teacher_logits in bar:
-            has_teacher = not torch.isnan(teacher_logits).any()
-            losses = distiller(to_model_input(preprocess, images), targets, teacher_logits if has_teacher else None)
+        for images, targets, teacher_logits, teacher_attention, masks in bar:
+            losses = distiller(
+                to_model_input(preprocess, images),
+                targets,
+                teacher_logits if teacher_logits.numel() else None,
+                teacher_attention if teacher_attention.numel() else None,
+                masks if masks.numel() else None,
+            )
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
@@ -203,6 +270,8 @@ def fit(
             "train_loss": sums["loss"] / count,
             "train_ce": sums["ce"] / count,
             "train_kd": sums["kd"] / count,
+            "train_at": sums["at"] / count,
+            "train_mask": sums["mask"] / count,
             "lr": scheduler.get_last_lr()[0],
             **validation_scores(model, val_images, val_labels, preprocess),
             "seconds": time.time() - started,

@@ -210,10 +210,19 @@ class HybridTeacher(nn.Module):
     def cam_layer(self) -> nn.Module:
         return cam_target_layer(self.cnn)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        feature_map = self.cnn.forward_features(self.cnn_norm(x))
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The CNN branch's last map (what Grad-CAM explains and attention transfer reads)."""
+        return self.cnn.forward_features(self.cnn_norm(x))
+
+    def logits_from_map(self, x: torch.Tensor, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.features_from_map(x, feature_map))
+
+    def features_from_map(self, x: torch.Tensor, feature_map: torch.Tensor) -> torch.Tensor:
         local = self.cnn.forward_head(feature_map, pre_logits=True)
         return torch.cat([self.vit(x, feature_map), local], dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_from_map(x, self.feature_map(x))
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return features if pre_logits else self.head(features)
@@ -222,8 +231,15 @@ class HybridTeacher(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+FROZEN_BACKBONE = -1  # ``frozen_blocks`` value: the whole CNN is frozen, only the head learns
+
+
 def frozen_modules(cnn: nn.Module, blocks: int) -> list[nn.Module]:
-    """Stem and the first ``blocks`` blocks of a timm EfficientNet/MobileNet-style CNN."""
+    """Stem and the first ``blocks`` blocks of a timm EfficientNet/MobileNet-style CNN; with
+    ``FROZEN_BACKBONE``, every layer but its classifier (a linear probe of the features)."""
+    if blocks == FROZEN_BACKBONE:
+        classifier = cnn.get_classifier()
+        return [module for module in cnn.children() if module is not classifier]
     if blocks <= 0:
         return []
     return [cnn.conv_stem, cnn.bn1, *cnn.blocks[:blocks]]
@@ -238,11 +254,16 @@ def freeze(model: nn.Module, cnn: nn.Module, blocks: int) -> nn.Module:
     return model
 
 
-def set_train_mode(model: nn.Module, mode: bool = True) -> nn.Module:
-    """``model.train(mode)`` that keeps frozen layers (and their BatchNorm statistics) in eval."""
+def set_train_mode(model: nn.Module, mode: bool = True, freeze_batchnorm: bool = False) -> nn.Module:
+    """``model.train(mode)`` that keeps frozen layers (and their BatchNorm statistics) in eval;
+    ``freeze_batchnorm`` keeps every BatchNorm on its stored statistics (ImageNet's, at first)."""
     model.train(mode)
     for module in getattr(model, "frozen_modules", ()):
         module.eval()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     return model
 
 
@@ -271,6 +292,21 @@ def cam_target_layer(model: nn.Module) -> nn.Module:
     if type(model) not in CAM_LAYERS:
         raise ValueError(f"{type(model).__name__}: no Grad-CAM layer known; add it to CAM_LAYERS")
     return CAM_LAYERS[type(model)](model)
+
+
+def feature_side(cfg: ModelConfig, input_size: int) -> int:
+    """Side of a model's last feature map at ``input_size`` (e.g. 7 for MobileNetV3 at 224)."""
+    probe = create_backbone(cfg.cnn_name, "none", num_classes=0)
+    return _feature_side(probe, input_size)
+
+
+def map_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last CNN feature map, logits) of a teacher or a timm student in one forward pass."""
+    if isinstance(model, HybridTeacher):
+        feature_map = model.feature_map(x)
+        return feature_map, model.logits_from_map(x, feature_map)
+    feature_map = model.forward_features(x)
+    return feature_map, model.forward_head(feature_map)
 
 
 def new_layer_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from kdcore.config import AugmentConfig, PreprocessConfig
@@ -15,6 +16,12 @@ def resize_grey(grey: np.ndarray, size: int) -> np.ndarray:
     """HxW uint8 -> size x size uint8 (area interpolation, aspect squashed as in the paper)."""
     interpolation = cv2.INTER_AREA if min(grey.shape[:2]) >= size else cv2.INTER_LINEAR
     return cv2.resize(grey, (size, size), interpolation=interpolation)
+
+
+def resize_views(views: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, S, S) uint8 views -> (B, 1, size, size) uint8 (antialiased bilinear): the same view
+    at another model's input size."""
+    return v2.functional.resize(views, [size, size], antialias=True)
 
 
 class Preprocess:
@@ -60,7 +67,14 @@ class UltrasoundAugment:
         self.geometry_and_gain = v2.Compose(ops)
 
     def __call__(self, small: torch.Tensor) -> torch.Tensor:
-        out = self.geometry_and_gain(small)
+        return self._speckle(self.geometry_and_gain(small))
+
+    def with_mask(self, small: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image and its lesion mask under the same geometry; gain and speckle touch the image only."""
+        image, moved = self.geometry_and_gain(tv_tensors.Image(small), tv_tensors.Mask(mask))
+        return self._speckle(image.as_subclass(torch.Tensor)), moved.as_subclass(torch.Tensor)
+
+    def _speckle(self, out: torch.Tensor) -> torch.Tensor:
         if self.cfg.speckle_sigma:
             noise = 1.0 + self.cfg.speckle_sigma * torch.randn(out.shape)
             out = (out.float() * noise).clamp(0, 255).round().to(torch.uint8)

@@ -6,6 +6,8 @@ Launches the app in a child process on 127.0.0.1 (a free port), runs CLIENTS gra
 clients x CALLS /predict calls from this process plus /analyse_video streaming sessions
 meanwhile, then writes p50/p95 latency, errors, the app process's resident-memory growth and
 its Grad-CAM hook count to OUT.
+With --fresh-sessions every round uses new clients (as a population of browser tabs does):
+a warm-up round of --warmup-calls, then --rounds rounds, the app's memory after each.
 Exit status 1 when any call failed, memory grew by 50 MB or more, or hooks were left behind.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from kdcore.app.patches.upload_cache import use_private_upload_cache
@@ -23,7 +26,15 @@ use_private_upload_cache()  # before Gradio is imported; the app's child process
 from kdcore.app.layout import AppSettings  # noqa: E402
 from kdcore.app.service import DEFAULT_CHECKPOINT_DIR  # noqa: E402
 from kdcore.config import REPO_ROOT  # noqa: E402
-from scripts.loadtest import AppProcess, free_local_port, machine_note, run_load_test  # noqa: E402
+from scripts.live_browser import clip_frames, write_y4m  # noqa: E402
+from scripts.loadtest import (  # noqa: E402
+    AppProcess,
+    LiveLoad,
+    free_local_port,
+    machine_note,
+    run_fresh_sessions_test,
+    run_load_test,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, default=REPO_ROOT / "assets" / "phantom_round_lesion.png")
     parser.add_argument("--clip", type=Path, default=REPO_ROOT / "assets" / "phantom_sweep.mp4")
     parser.add_argument("--no-stream", action="store_true", help="skip the /analyse_video streaming sessions")
+    parser.add_argument("--fresh-sessions", action="store_true", help="new client sessions in every round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="--fresh-sessions: measured rounds (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--live-sessions",
+        type=int,
+        default=0,
+        help="--fresh-sessions: Chromium live-tab sessions per round, 5 s each (needs playwright + chromium)",
+    )
     parser.add_argument("--out", type=Path, help="JSON report to write")
     args = parser.parse_args(argv)
 
     settings = AppSettings(checkpoints=args.checkpoints, port=free_local_port())
     with AppProcess(settings) as app:
         clip = None if args.no_stream else args.clip
-        report = run_load_test(app, args.image, clip, args.clients, args.calls, args.warmup_calls)
+        if args.fresh_sessions:
+            warmup = args.warmup_calls if args.warmup_calls is not None else 10
+            live = None
+            if args.live_sessions:
+                y4m = write_y4m(clip_frames(args.clip), Path(tempfile.mkdtemp()) / "live.y4m")
+                live = LiveLoad(y4m, sessions=args.live_sessions)
+            report = run_fresh_sessions_test(app, args.image, clip, args.clients, args.calls, args.rounds, warmup, live)
+        else:
+            report = run_load_test(app, args.image, clip, args.clients, args.calls, args.warmup_calls)
         result = {**report.as_dict(), "queue": app.queue, "machine": machine_note()}
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,7 +1,8 @@
 """Sustained load on a running app over loopback: concurrent gradio_client clients calling
 ``/predict`` while one client streams ``/analyse_video`` sessions. Reports latency
 percentiles, errors, the app's resident-memory growth and its Grad-CAM hook count before
-and after.
+and after. Two shapes: the same client sessions throughout (``run_load_test``), or every
+round with new ones, as a population of browser tabs is (``run_fresh_sessions_test``).
 
 The app runs in a child process (``AppProcess``), so the memory measured is the server's
 own, not that of the client threads; the child measures itself when asked.
@@ -111,7 +112,7 @@ def _serve(settings: AppSettings, conn: Connection) -> None:
     conn.send((demo.local_url, queue_settings(demo)))
     try:
         while conn.recv() == "measure":
-            conn.send((resident_mb(), module_hook_count()))
+            conn.send((resident_mb(), module_hook_count(), len(demo.state_holder.session_data)))
     finally:
         demo.close()
 
@@ -141,8 +142,8 @@ class AppProcess:
             raise
         return self
 
-    def measure(self) -> tuple[float, int]:
-        """(resident MB, Grad-CAM hook count) of the serving process."""
+    def measure(self) -> tuple[float, int, int]:
+        """(resident MB, Grad-CAM hook count, sessions held) of the serving process."""
         self._conn.send("measure")
         if not self._conn.poll(MEASURE_TIMEOUT_S):
             raise RuntimeError(f"the app process did not report its memory within {MEASURE_TIMEOUT_S:.0f} s")
@@ -261,7 +262,7 @@ def run_load_test(
     sampler = threading.Thread(target=_sample_rss, args=(app, stop_sampling, samples))
     try:
         warmup, warmup_stream, _ = _round(sessions, image, clip, warmup_calls)
-        rss_before, hooks_before = app.measure()
+        rss_before, hooks_before, _ = app.measure()
         sampler.start()
         log, stream_counts, wall = _round(sessions, image, clip, calls)
     finally:
@@ -269,7 +270,7 @@ def run_load_test(
         if sampler.is_alive():
             sampler.join()
         sessions.close()
-    rss_after, hooks_after = app.measure()
+    rss_after, hooks_after, _ = app.measure()
     stream_counts["errors"] += warmup_stream["errors"]
     return LoadReport(
         clients=clients,
@@ -289,6 +290,108 @@ def run_load_test(
         grad_cam_hooks={"before": hooks_before, "after": hooks_after},
         stream=stream_counts,
         first_errors=(warmup.errors + log.errors)[:5],
+    )
+
+
+@dataclass
+class FreshSessionsReport:
+    clients: int
+    calls_per_client: int
+    warmup_calls_per_client: int
+    rss_mb_after_warmup: float
+    rounds: list[dict[str, Any]]  # per round: calls, errors, stream sessions, RSS and sessions held after it
+    grad_cam_hooks: dict[str, int]
+    first_errors: list[str]
+
+    @property
+    def rss_growth_mb(self) -> float:
+        return round(self.rounds[-1]["rss_mb"] - self.rss_mb_after_warmup, 1)
+
+    @property
+    def passed(self) -> bool:
+        errors = sum(r["predict_errors"] + r["stream_errors"] + r["live_errors"] for r in self.rounds)
+        hooks_kept = self.grad_cam_hooks["before"] == self.grad_cam_hooks["after"]
+        return errors == 0 and self.rss_growth_mb < MAX_RSS_GROWTH_MB and hooks_kept
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "rss_growth_mb": self.rss_growth_mb,
+            "passed": self.passed,
+            "max_rss_growth_mb": MAX_RSS_GROWTH_MB,
+        }
+
+
+@dataclass(frozen=True)
+class LiveLoad:
+    """Live-tab sessions from Chromium (fake camera playing ``y4m``) in each fresh-sessions round."""
+
+    y4m: Path
+    sessions: int = 2
+    seconds: float = 5.0
+
+
+def _round_of_new_sessions(url: str, image: Path, clip: Path | None, clients: int, calls: int, live: LiveLoad | None):
+    """A round with ``clients`` new /predict sessions, a new /analyse_video one and, with ``live``,
+    new browser sessions streaming the Live tab meanwhile; every session is closed after."""
+    from scripts.live_browser import live_browser_sessions
+
+    sessions = Clients.open(url, clients, streaming=clip is not None)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        browser = pool.submit(live_browser_sessions, url, live.y4m, live.sessions, live.seconds) if live else None
+        try:
+            log, stream, wall = _round(sessions, image, clip, calls)
+        finally:
+            sessions.close()
+        live_counts = browser.result() if browser else {"sessions": 0, "errors": 0}
+    return log, {**stream, "live_sessions": live_counts["sessions"], "live_errors": live_counts["errors"]}, wall
+
+
+def run_fresh_sessions_test(
+    app: AppProcess,
+    image: Path,
+    clip: Path | None,
+    clients: int,
+    calls: int,
+    rounds: int,
+    warmup_calls: int,
+    live: LiveLoad | None = None,
+) -> FreshSessionsReport:
+    """A warm-up round, then ``rounds`` rounds, each with new client sessions; memory after each."""
+    warmup, warmup_stream, _ = _round_of_new_sessions(app.url, image, clip, clients, warmup_calls, live)
+    rss_warm, hooks_before, _ = app.measure()
+    per_round, errors = [], list(warmup.errors)
+    for index in range(rounds):
+        log, stream, wall = _round_of_new_sessions(app.url, image, clip, clients, calls, live)
+        rss, _, sessions = app.measure()
+        errors += log.errors
+        per_round.append(
+            {
+                "round": index + 1,
+                "predict_calls": len(log.latencies_ms) + len(log.errors),
+                "predict_errors": len(log.errors) + (len(warmup.errors) if index == 0 else 0),
+                "stream_sessions": stream["sessions"],
+                "stream_errors": stream["errors"] + (warmup_stream["errors"] if index == 0 else 0),
+                "live_sessions": stream["live_sessions"],
+                "live_errors": stream["live_errors"] + (warmup_stream["live_errors"] if index == 0 else 0),
+                "latency_ms": _percentiles(log.latencies_ms),
+                "wall_s": round(wall, 1),
+                "rss_mb": round(rss, 1),
+                "sessions_held": sessions,
+            }
+        )
+        print(
+            f"round {index + 1}: RSS {rss:.1f} MB (after warm-up {rss_warm:.1f}), sessions held {sessions}", flush=True
+        )
+    _, hooks_after, _ = app.measure()
+    return FreshSessionsReport(
+        clients=clients,
+        calls_per_client=calls,
+        warmup_calls_per_client=warmup_calls,
+        rss_mb_after_warmup=round(rss_warm, 1),
+        rounds=per_round,
+        grad_cam_hooks={"before": hooks_before, "after": hooks_after},
+        first_errors=errors[:5],
     )
 
 

@@ -12,6 +12,6 @@ from scripts.loadtest import free_local_port as free_port
 __all__ = ["free_port", "launch"]
 
 
-def launch(checkpoints: Path) -> gr.Blocks:
+def launch(checkpoints: Path, **settings) -> gr.Blocks:
     """The app on a free local port, serving in a background thread; call ``.close()`` after."""
-    return launch_in_background(AppSettings(checkpoints=checkpoints, port=free_port()))
+    return launch_in_background(AppSettings(checkpoints=checkpoints, port=free_port(), **settings))

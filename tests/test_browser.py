@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-import cv2
 import gradio as gr
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ from app_helpers import free_port, launch
 from kdcore.app.live_session import LiveSession, RegionOfInterest
 from kdcore.cam_predictor import load_cam_predictor
 from kdcore.config import CLASS_NAMES, REPO_ROOT
+from scripts.live_browser import CHROMIUM, chromium_args, clip_frames, start_live_stream, write_y4m
 
-CHROMIUM = Path("/usr/bin/chromium")
 CLIP_FRAMES = REPO_ROOT.parent / "shared" / "data" / "breast_usv" / "BR001"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 MEASURE_SECONDS = 10.0
@@ -54,51 +53,17 @@ FRAME_COLOUR_JS = """() => {
 }"""
 
 
-def write_y4m(frames_dir: Path, out: Path, size: tuple[int, int] = (640, 480), fps: int = 30) -> Path:
-    """Chromium's fake-camera format: a YUV4MPEG2 header, then 'FRAME\\n' + I420 planes per frame."""
-    width, height = size
-    with out.open("wb") as f:
-        f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
-        for path in sorted(frames_dir.glob("*.jpg")):
-            frame = cv2.resize(cv2.imread(str(path)), size, interpolation=cv2.INTER_AREA)
-            f.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes())
-    return out
-
-
-def chromium_args(y4m: Path) -> list[str]:
-    return [
-        "--no-sandbox",  # the test runs as root
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        f"--use-file-for-fake-video-capture={y4m}",
-    ]
-
-
 def test_live_stream_in_chromium(tiny_checkpoints, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    y4m = write_y4m(CLIP_FRAMES, tmp_path / "breast_usv_640x480.y4m")
+    y4m = write_y4m(clip_frames(CLIP_FRAMES), tmp_path / "breast_usv_640x480.y4m")
     demo = launch(tiny_checkpoints["student"].parent)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(demo.local_url)
-            page.get_by_role("tab", name="Live").click()
-            page.get_by_text("Click to Access Webcam").click()
-            page.get_by_role("button", name="start stream").click()
-
-            page.wait_for_function(
-                "() => document.querySelector('#live-stream video')?.getVideoPlaybackQuality().totalVideoFrames > 5",
-                timeout=60_000,
-            )
+            start_live_stream(page, demo.local_url)
             page.wait_for_function(
                 "names => names.some(n => document.querySelector('#live-label').innerText.includes(n))",
                 arg=list(CLASS_NAMES),
@@ -170,7 +135,7 @@ def test_plain_gradio_streaming_fps_for_comparison(tiny_checkpoints, tmp_path):
     """Report only: how many overlay frames per second Gradio's HTTP image streaming shows."""
     from playwright.sync_api import sync_playwright
 
-    y4m = write_y4m(CLIP_FRAMES, tmp_path / "breast_usv_640x480.y4m")
+    y4m = write_y4m(clip_frames(CLIP_FRAMES), tmp_path / "breast_usv_640x480.y4m")
     demo = plain_gradio_streaming_demo(tiny_checkpoints["student"])
     demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port())
     try:

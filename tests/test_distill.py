@@ -223,3 +223,45 @@ def test_frozen_student_blocks_keep_weights_and_bn_stats():
 
     set_train_mode(student, True)  # the engine's way of entering training keeps them frozen too
     assert not student.bn1.training and student.blocks[3].training
+
+
+def test_attention_map_and_transfer_term_match_hand_computed_values():
+    from kdcore.distill import attention_map, attention_transfer_term
+
+    feature_map = torch.zeros(1, 2, 2, 2)
+    feature_map[0, 0, 0, 0] = 1.0
+    feature_map[0, 1, 0, 0], feature_map[0, 1, 1, 1] = 1.0, 2.0
+    # channel mean of squares: [[1, 0], [0, 2]] -> unit vector [1, 0, 0, 2] / sqrt(5)
+    expected = torch.tensor([[1.0, 0.0, 0.0, 2.0]]) / 5**0.5
+    torch.testing.assert_close(attention_map(feature_map, side=2), expected)
+    teacher = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    # (1/sqrt5 - 1)^2 + (2/sqrt5)^2 = 0.305573 + 0.8
+    assert attention_transfer_term(feature_map, teacher).item() == pytest.approx(1.105573, abs=1e-5)
+    assert attention_map(torch.rand(3, 8, 14, 14), side=7).shape == (3, 49)  # pooled to the teacher's side
+
+
+def test_distiller_adds_weighted_attention_transfer_only_when_asked():
+    torch.manual_seed(0)
+    student = build_model(TINY_STUDENT, 64).eval()
+    images, targets = torch.rand(2, 3, 64, 64), torch.tensor([0, 2])
+    teacher_logits, teacher_attention = torch.randn(2, 3), F.normalize(torch.rand(2, 4), dim=1)
+    plain = Distiller(student, None, 0.5, 4.0)(images, targets, teacher_logits, teacher_attention)
+    guided = Distiller(student, None, 0.5, 4.0, attention_weight=3.0)(
+        images, targets, teacher_logits, teacher_attention
+    )
+    assert plain["at"].item() == 0.0 and guided["at"].item() > 0
+    assert guided["loss"].item() == pytest.approx(plain["loss"].item() + 3.0 * guided["at"].item(), rel=1e-5)
+
+
+def test_lesion_focus_term_matches_hand_computed_values():
+    from kdcore.distill import lesion_focus_term
+
+    feature_map = torch.zeros(2, 1, 2, 2)
+    feature_map[:, 0, 0, 0], feature_map[:, 0, 1, 1] = 1.0, 3.0  # energy 1 and 9: 10% and 90%
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[0, 0, :2, :2] = 1  # image 0: lesion where 10% of the energy is
+    # image 1 has no lesion: it does not count
+    assert lesion_focus_term(feature_map, masks).item() == pytest.approx(-np.log(0.1), abs=1e-5)
+    masks[1, 0, 2:, 2:] = 1  # image 1: lesion on the 90%
+    assert lesion_focus_term(feature_map, masks).item() == pytest.approx(-(np.log(0.1) + np.log(0.9)) / 2, abs=1e-5)
+    assert lesion_focus_term(feature_map, torch.zeros(2, 1, 4, 4)).item() == 0.0

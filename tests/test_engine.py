@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import TINY_STUDENT, TINY_TEACHER
 
 from kdcore import engine
 from kdcore.checkpoint import load_checkpoint
 from kdcore.config import AugmentConfig, PreprocessConfig, TrainConfig
-from kdcore.engine import FixedViewBank, OnlineAugmented, class_weights_for, fit, validation_scores
+from kdcore.engine import FixedViewBank, OnlineAugmented, ViewBank, class_weights_for, fit, validation_scores
 from kdcore.experiment.protocol import BusiData, train_student, train_teacher
 from kdcore.models import build_model
 from kdcore.transforms import Preprocess, UltrasoundAugment
@@ -47,7 +48,8 @@ def _fit(data, work_dir: Path, resume: bool = False, cfg: TrainConfig = CFG, mod
     train_images, train_labels, val_images, val_labels, views, teacher_logits = data
     torch.manual_seed(model_seed)
     model = build_model(TINY_STUDENT, SIZE)
-    train_set = FixedViewBank(views, train_labels, teacher_logits)
+    targets = F.one_hot(train_labels, 3).float()[:, None].expand(-1, views.shape[1], -1)
+    train_set = FixedViewBank(ViewBank(views, targets), teacher_logits)
     preprocess = Preprocess(PreprocessConfig(input_size=SIZE))
     result = fit(model, train_set, val_images, val_labels, train_labels, preprocess, cfg, work_dir, resume, "t")
     return model, result
@@ -131,32 +133,39 @@ def test_fixed_view_bank_returns_the_teacher_logits_of_the_view_it_returns():
         for j in range(v):
             views[i, j] = 10 * i + j  # each view carries its own (image, view) code
             logits[i, j] = torch.tensor([i, j, 10 * i + j], dtype=torch.float32)
-    bank = FixedViewBank(views, torch.arange(n) % 3, logits)
+    targets = torch.zeros(n, v, 3)
+    attention = torch.zeros(n, v, 4)
+    for i in range(n):
+        for j in range(v):
+            targets[i, j, (i + j) % 3] = 1.0  # each view has its own target, too
+            attention[i, j] = 10 * i + j
+    bank = FixedViewBank(ViewBank(views, targets), logits, attention)
     assert len(bank) == n
     torch.manual_seed(0)
     seen = set()
     for _ in range(20):
         for i in range(n):
-            image, label, teacher = bank[i]
+            image, target, teacher, looks, _ = bank[i]
             code = int(image[0, 0, 0])
+            j = code - 10 * i
             assert image.shape == (1, 8, 8) and (image == code).all()
-            assert teacher.tolist() == [i, code - 10 * i, code]
-            assert label == i % 3
-            seen.add((i, code - 10 * i))
+            assert teacher.tolist() == [i, j, code] and (looks == code).all()
+            assert target.argmax().item() == (i + j) % 3
+            seen.add((i, j))
     assert {j for _, j in seen} == set(range(v))  # every view gets used
-    # Without a teacher the logits are NaN, which the engine reads as "no KD".
-    _, _, none = FixedViewBank(views, torch.arange(n) % 3, None)[0]
-    assert torch.isnan(none).all()
+    # Without a teacher the teacher parts are empty, which the engine reads as "no KD".
+    _, _, no_logits, no_attention, no_mask = FixedViewBank(ViewBank(views, targets), None)[0]
+    assert no_logits.numel() == 0 and no_attention.numel() == 0 and no_mask.numel() == 0
 
 
-def test_online_augmented_yields_fresh_views_and_nan_logits():
+def test_online_augmented_yields_fresh_views_and_no_teacher_outputs():
     images, labels = _synthetic(2, 0)
     data = OnlineAugmented(images, labels, UltrasoundAugment(AugmentConfig(), SIZE))
     torch.manual_seed(0)
-    a, label, logits = data[0]
-    b, _, _ = data[0]
+    a, label, logits, attention, _ = data[0]
+    b, *_ = data[0]
     assert a.shape == images[0].shape and a.dtype == torch.uint8 and label == labels[0]
-    assert not torch.equal(a, b) and torch.isnan(logits).all()
+    assert not torch.equal(a, b) and logits.numel() == 0 and attention.numel() == 0
 
 
 def test_class_weights_favour_the_rare_class():
@@ -213,7 +222,7 @@ def test_training_and_model_selection_never_touch_the_test_split(data, tmp_path)
         assert meta.calibration_temperature > 0
     assert meta.teacher_weights_sha256 == json.loads(teacher_path.with_suffix(".json").read_text())["weights_sha256"]
     # The teacher's logits on the fixed views were cached for the next student.
-    assert list((tmp_path / "work").glob("teacher_logits_*.pt"))
+    assert list((tmp_path / "work").glob("teacher_outputs_*.pt"))
 
 
 class _Stop(Exception):

@@ -33,7 +33,7 @@ from kdcore.app.service import load_models
 from kdcore.checkpoint import CheckpointError
 from kdcore.config import REPO_ROOT
 from kdcore.data import sha256_file
-from kdcore.experiment.protocol import teacher_view_logits
+from kdcore.experiment.protocol import teacher_view_outputs
 from kdcore.inference import load_predictor
 
 
@@ -104,19 +104,19 @@ def test_poisoned_teacher_logit_cache_is_recomputed_not_run(tmp_path, tiny_check
     marker = tmp_path / "code_ran"
     side = json.loads(tiny_checkpoints["teacher"].with_suffix(".json").read_text())["preprocess"]["input_size"]
     views = torch.zeros(1, 1, 1, side, side, dtype=torch.uint8)
-    genuine = teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)  # writes the cache file
-    (cache_file,) = tmp_path.glob("teacher_logits_*.pt")
+    genuine, _ = teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path, 7)  # writes the cache file
+    (cache_file,) = tmp_path.glob("teacher_outputs_*.pt")
     good_bytes = cache_file.read_bytes()
     bad_bytes = pickle.dumps(_Payload(str(marker))) if damage == "pickle" else good_bytes[: len(good_bytes) // 2]
     cache_file.write_bytes(bad_bytes)
 
-    recomputed = teacher_view_logits(tiny_checkpoints["teacher"], views, tmp_path)
+    recomputed, _ = teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path, 7)
 
     assert not marker.exists()
     assert torch.equal(recomputed, genuine)
-    assert torch.equal(torch.load(cache_file, weights_only=True), genuine)  # the cache was rewritten
+    assert torch.equal(torch.load(cache_file, weights_only=True)["logits"], genuine)  # the cache was rewritten
     out = capsys.readouterr().out
-    assert f"ignoring teacher-logit cache {cache_file}" in out and "not a plain tensor file, refused" in out
+    assert f"ignoring teacher-output cache {cache_file}" in out and "not a plain tensor file, refused" in out
 
 
 def test_corrupt_resume_state_stops_training_with_one_line(tmp_path, capsys):

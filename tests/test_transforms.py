@@ -104,8 +104,46 @@ def test_view_bank_is_seeded_and_keeps_the_plain_image_first(speckle_image):
     small = Preprocess(PreprocessConfig(input_size=64)).resize(speckle_image)
     images = torch.stack([small, 255 - small])
     augment = UltrasoundAugment(AugmentConfig(), 64)
-    bank = build_view_bank(images, augment, views=3, seed=5)
+    labels = torch.tensor([0, 2])
+    bank = build_view_bank(images, labels, augment, views=3, seed=5).views
     assert bank.shape == (2, 3, 1, 64, 64) and bank.dtype == torch.uint8
     assert torch.equal(bank[:, 0], images)
-    assert torch.equal(bank, build_view_bank(images, augment, views=3, seed=5))
-    assert not torch.equal(bank, build_view_bank(images, augment, views=3, seed=6))
+    assert torch.equal(bank, build_view_bank(images, labels, augment, views=3, seed=5).views)
+    assert not torch.equal(bank, build_view_bank(images, labels, augment, views=3, seed=6).views)
+
+
+def test_mixup_views_blend_two_images_and_their_targets(speckle_image):
+    small = Preprocess(PreprocessConfig(input_size=64)).resize(speckle_image)
+    images = torch.stack([torch.zeros_like(small), torch.full_like(small, 200)])  # black and grey
+    no_change = UltrasoundAugment(
+        AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False, rotate_degrees=0.0,
+                      brightness=0.0, contrast=0.0, speckle_sigma=0.0), 64,
+    )  # fmt: skip
+    bank = build_view_bank(images, torch.tensor([0, 1]), no_change, views=2, seed=0, mixup_views=3)
+    assert bank.views.shape == (2, 5, 1, 64, 64) and bank.targets.shape == (2, 5, 3)
+    assert torch.equal(bank.targets[0, :2], torch.tensor([[1.0, 0, 0]] * 2))  # plain views: one-hot
+    for i in range(2):
+        for v in range(2, 5):
+            weight_on_self = bank.targets[i, v, i].item()
+            assert 0.5 <= weight_on_self <= 1.0 and bank.targets[i, v].sum().item() == pytest.approx(1.0)
+            other = 1 - i
+            expected = round(200 * (weight_on_self if i == 1 else 1 - weight_on_self))
+            assert abs(int(bank.views[i, v, 0, 0, 0]) - expected) <= 1  # the pixels mix as the targets do
+            assert bank.targets[i, v, other].item() == pytest.approx(1 - weight_on_self, abs=1e-6)
+
+
+def test_lesion_masks_move_with_their_views(speckle_image):
+    size = 64
+    small = Preprocess(PreprocessConfig(input_size=size)).resize(speckle_image)
+    mask = torch.zeros_like(small)
+    mask[:, 10:30, 5:25] = 1
+    image = small.clone()
+    image[mask.bool()] = 255  # the lesion is the only white area
+    augment = UltrasoundAugment(AugmentConfig(brightness=0.0, contrast=0.0, speckle_sigma=0.0), size)
+    bank = build_view_bank(image[None], torch.tensor([1]), augment, views=6, seed=3, masks=mask[None], mixup_views=2)
+    assert bank.masks.shape == bank.views.shape
+    for v in range(6):
+        moved, view = bank.masks[0, v].bool(), bank.views[0, v]
+        assert moved.any() and view[moved].float().mean() > 200  # the mask still covers the white lesion
+        assert view[~moved].float().mean() < 150
+    assert not bank.masks[0, 6:].any()  # mixup views carry no mask

@@ -44,6 +44,13 @@ CACHE_CLEANUP_SECONDS = (600, 600)
 # One run at a time per event (2 CPU cores; Grad-CAM is serialised per model anyway), and a
 # bounded queue: a request beyond it is refused at once ("queue full") instead of waiting minutes.
 MAX_QUEUED_REQUESTS = 64
+# Every browser tab and API client is a session, and Gradio keeps each one (a copy of the app's
+# config plus its gr.State values, ~1-2 MB here) until 10,000 newer ones exist: bound it. The
+# least recently used session goes first; its next call simply starts a new one (a local demo
+# has a handful of users; an evicted tab only loses its opacity slider's last image).
+MAX_SESSIONS = 16
+# The analysed image behind the opacity slider: forgotten 10 minutes after the last analysis.
+STATE_TTL_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class AppSettings:
     examples_dir: Path | None = None
     host: str = "127.0.0.1"
     port: int = 7860
+    max_sessions: int = MAX_SESSIONS
 
 
 def launch_options(settings: AppSettings) -> dict[str, Any]:
@@ -62,6 +70,7 @@ def launch_options(settings: AppSettings) -> dict[str, Any]:
         "share": False,
         "max_file_size": MAX_UPLOAD,
         "show_error": False,
+        "state_session_capacity": settings.max_sessions,
     }
 
 
@@ -144,7 +153,7 @@ def comparison_panel(prefix: str) -> ComparisonPanel:
 
 
 def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
-    analysis_state = gr.State(None)
+    analysis_state = gr.State(None, time_to_live=STATE_TTL_SECONDS)
     with gr.Row():
         with gr.Column(scale=1):
             pasted = image_drop_box(label="Ultrasound image — drop, upload or paste", sources=["upload", "clipboard"])

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from kdcore.cam_predictor import CamPredictor, cam_predictor_for
@@ -20,6 +21,7 @@ from kdcore.overlay import overlay_heatmap
 
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
 ROLES = ("teacher", "student")
+DISPLAY_MAX_SIDE = 1024  # the analysed image kept for overlays is at most this large (per session)
 HOW_TO_GET_CHECKPOINTS = (
     "Train them with `python train.py all` (writes checkpoints/), or copy the released "
     "`teacher.*` / `student.*` files into the checkpoints folder, then restart the app."
@@ -79,7 +81,11 @@ def load_models(folder: str | Path = DEFAULT_CHECKPOINT_DIR) -> LoadedModels:
 
 @dataclass(frozen=True)
 class ImageAnalysis:
-    """Predictions and Grad-CAM heat-maps of every loaded model on one grey image."""
+    """Predictions and Grad-CAM heat-maps of every loaded model on one grey image.
+
+    It lives in the user's session: the image is a display-sized copy (``display_copy``) and the
+    heat-maps are kept as 8-bit (``heatmap_bytes``), a quarter of float32, plenty for a colour map.
+    """
 
     grey: np.ndarray
     predictions: dict[str, Prediction]
@@ -92,7 +98,7 @@ class ImageAnalysis:
     def overlay(self, role: str, opacity: float) -> np.ndarray | None:
         if role not in self.heatmaps:
             return None
-        return overlay_heatmap(self.grey, self.heatmaps[role], opacity)
+        return overlay_heatmap(self.grey, self.heatmaps[role].astype(np.float32) / 255.0, opacity)
 
     def agreement_markdown(self) -> str:
         """A visible agree / disagree marker for the clinician."""
@@ -104,12 +110,28 @@ class ImageAnalysis:
         return f"### ⚠ Disagreement: teacher says **{teacher.label}**, student says **{student.label}**"
 
 
+def display_copy(grey: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:
+    """``grey`` shrunk (area interpolation) so that its longer side is at most ``max_side``."""
+    scale = max_side / max(grey.shape)
+    if scale >= 1:
+        return grey
+    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
+
+
 def analyse_image(models: LoadedModels, grey: np.ndarray) -> ImageAnalysis:
-    """Run every loaded model (with Grad-CAM) on one HxW uint8 image."""
+    """Run every loaded model (with Grad-CAM) on one HxW uint8 image; the analysis keeps a
+    display-sized copy of it for the overlays (it lives in the user's session)."""
     predictions, heatmaps = {}, {}
     for role, cam in models.cams.items():
-        predictions[role], heatmaps[role] = cam.predict_with_cam(grey)
-    return ImageAnalysis(grey, predictions, heatmaps)
+        predictions[role], heatmap = cam.predict_with_cam(grey)
+        heatmaps[role] = heatmap_bytes(heatmap)
+    return ImageAnalysis(display_copy(grey), predictions, heatmaps)
+
+
+def heatmap_bytes(heatmap: np.ndarray) -> np.ndarray:
+    """A [0, 1] float heat-map as uint8 0..255 (rounded)."""
+    return np.round(np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def prediction_markdown(role: str, prediction: Prediction | None) -> str:
@@ -118,5 +140,5 @@ def prediction_markdown(role: str, prediction: Prediction | None) -> str:
         return f"**{role.capitalize()}**: not loaded"
     confidence = prediction.probabilities[prediction.label]
     return (
-        f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}) · forward pass {prediction.latency_ms:.1f} ms"
+        f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}) · model {prediction.latency_ms:.1f} ms"
     )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kdcore.config import CLASS_NAMES, Recipe
-from kdcore.data import cross_validation_folds
+from kdcore.data import cross_validation_folds, label_indices
 from kdcore.experiment.protocol import BusiData, train_student, train_teacher
 from kdcore.inference import load_predictor
 from kdcore.metrics import evaluate_predictions
@@ -47,9 +47,7 @@ def fold_data(data: BusiData, fold: int, k: int, seed: int = 0) -> BusiData:
         root=data.root,
         split_sha256=data.split_sha256,
         records=records,
-        labels={
-            s: torch.tensor([CLASS_NAMES.index(r.label) for r in rs], dtype=torch.long) for s, rs in records.items()
-        },
+        labels={s: label_indices(rs) for s, rs in records.items()},
         greys={s: [greys[r.file] for r in rs] for s, rs in records.items()},
     )
 
@@ -57,11 +55,14 @@ def fold_data(data: BusiData, fold: int, k: int, seed: int = 0) -> BusiData:
 def train_fold(
     role: str, recipe: Recipe, data: BusiData, out_path: Path, teacher_path: Path | None, resume: bool
 ) -> Path:
-    """One fold's model: a teacher (fresh augmentation) or a student (view bank, KD or scratch)."""
+    """One fold's model: a teacher (fresh augmentation) or a student (view bank, KD or scratch).
+    Teacher outputs on a student's views are cached beside the fold's teacher, so every student
+    recipe with the same views reuses them."""
     train_cfg = replace(recipe.train, keep="last")
     if role == "teacher":
         return train_teacher(recipe.model, recipe.preprocess, train_cfg, data, out_path, resume)
-    return train_student(recipe.model, recipe.preprocess, train_cfg, data, out_path, teacher_path, resume)
+    cache = teacher_path.parent / "work" if teacher_path is not None else None
+    return train_student(recipe.model, recipe.preprocess, train_cfg, data, out_path, teacher_path, resume, cache)
 
 
 def fold_result(checkpoint: Path, data: BusiData) -> dict[str, Any]:

@@ -24,8 +24,10 @@ from kdcore.data import (
     read_split_file,
     records_in,
     resize_all,
+    resized_masks,
     verify_files,
 )
+from kdcore.distill import attention_map
 from kdcore.engine import (
     FixedViewBank,
     OnlineAugmented,
@@ -33,6 +35,7 @@ from kdcore.engine import (
     fit,
     predict_logits,
     seed_everything,
+    to_model_input,
 )
 from kdcore.hashing import sha256_file
 from kdcore.imaging import read_grey_image
@@ -44,8 +47,8 @@ from kdcore.metrics import (
     markdown_table,
     plot_confusion_matrix,
 )
-from kdcore.models import WeightsError, build_model, load_tensor_file
-from kdcore.transforms import Preprocess, UltrasoundAugment
+from kdcore.models import WeightsError, build_model, feature_side, load_tensor_file, map_and_logits
+from kdcore.transforms import Preprocess, UltrasoundAugment, resize_views
 
 SPLITS = ("train", "val", "test")
 
@@ -67,6 +70,13 @@ class BusiData:
         key = (split, size)
         if key not in self._resized:
             self._resized[key] = resize_all(self.greys[split], size)
+        return self._resized[key]
+
+    def lesion_masks(self, split: str, size: int) -> torch.Tensor:
+        """(N, 1, size, size) uint8 lesion masks of ``split``, aligned with ``images``; 0 where none."""
+        key = (f"{split}/masks", size)
+        if key not in self._resized:
+            self._resized[key] = resized_masks(self.root, self.records[split], size)
         return self._resized[key]
 
 
@@ -171,24 +181,44 @@ def train_teacher(
     )
 
 
-def teacher_view_logits(teacher_path: Path, views: torch.Tensor, cache: Path) -> torch.Tensor:
-    """(N, V, C) teacher logits on the fixed views, cached by teacher and view-bank hash."""
+@torch.no_grad()
+def teacher_outputs(
+    teacher: torch.nn.Module, views: torch.Tensor, preprocess: Preprocess, attention_side: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, C) and attention maps (B, side*side) of the teacher on (B, 1, S, S) uint8 views,
+    resized to the teacher's input size first when it differs (the same view, seen by both)."""
+    size = preprocess.cfg.input_size
+    logits, attention = [], []
+    for chunk in views.split(batch_size):
+        chunk = chunk if chunk.shape[-1] == size else resize_views(chunk, size)
+        feature_map, chunk_logits = map_and_logits(teacher, to_model_input(preprocess, chunk))
+        logits.append(chunk_logits)
+        attention.append(attention_map(feature_map, attention_side))
+    return torch.cat(logits), torch.cat(attention)
+
+
+def teacher_view_outputs(
+    teacher_path: Path, views: torch.Tensor, cache: Path, attention_side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V, C) teacher logits and (N, V, side*side) attention maps on the fixed views, cached
+    by teacher, view-bank hash and attention size."""
     key = hashlib.sha256(views.numpy().tobytes()).hexdigest()[:16]
     weights_sha = CheckpointMeta.read(teacher_path).weights_sha256[:16]
-    cache_file = cache / f"teacher_logits_{weights_sha}_{key}.pt"
+    cache_file = cache / f"teacher_outputs_{weights_sha}_{key}_{attention_side}.pt"
     if cache_file.is_file():
         try:
-            return load_tensor_file(cache_file)
-        except WeightsError as exc:  # a damaged or tampered cache is recomputed, never executed
-            print(f"warning: ignoring teacher-logit cache {cache_file}: {exc}; recomputing it")
+            saved = load_tensor_file(cache_file)
+            return saved["logits"], saved["attention"]
+        except (WeightsError, KeyError, TypeError) as exc:  # damaged or tampered: recomputed, never executed
+            print(f"warning: ignoring teacher-output cache {cache_file}: {exc}; recomputing it")
     teacher, meta = load_checkpoint(teacher_path)
     teacher.to(memory_format=torch.channels_last)
-    preprocess = Preprocess(meta.preprocess)
     flat = views.reshape(-1, *views.shape[2:])
-    logits = predict_logits(teacher, flat, preprocess).reshape(*views.shape[:2], -1)
+    logits, attention = teacher_outputs(teacher, flat, Preprocess(meta.preprocess), attention_side)
+    outputs = logits.reshape(*views.shape[:2], -1), attention.reshape(*views.shape[:2], -1)
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(logits, cache_file)
-    return logits
+    torch.save({"logits": outputs[0], "attention": outputs[1]}, cache_file)
+    return outputs
 
 
 def train_student(
@@ -199,18 +229,31 @@ def train_student(
     out_path: Path,
     teacher_path: Path | None,
     resume: bool = False,
+    cache_dir: Path | None = None,
 ) -> Path:
     """Student on fixed augmented views; with ``teacher_path`` it is distilled (KD),
-    without it the same recipe minus the teacher (the ablation)."""
+    without it the same recipe minus the teacher (the ablation). Teacher outputs on the views
+    are cached in ``cache_dir`` (default: ``work/`` beside ``out_path``)."""
     augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
     bank_seed = 12345  # the same views for every student, KD or not: a fair ablation
-    views = build_view_bank(
-        data.images("train", preprocess_cfg.input_size), augment, train_cfg.views_per_image, bank_seed
+    bank = build_view_bank(
+        data.images("train", preprocess_cfg.input_size),
+        data.labels["train"],
+        augment,
+        train_cfg.views_per_image,
+        bank_seed,
+        train_cfg.mixup_views,
+        train_cfg.mixup_alpha,
+        data.lesion_masks("train", preprocess_cfg.input_size) if train_cfg.mask_weight > 0 else None,
     )
-    logits = teacher_view_logits(teacher_path, views, out_path.parent / "work") if teacher_path is not None else None
+    logits = attention = None
+    if teacher_path is not None:
+        side = feature_side(model_cfg, preprocess_cfg.input_size)
+        cache = cache_dir if cache_dir is not None else out_path.parent / "work"
+        logits, attention = teacher_view_outputs(teacher_path, bank.views, cache, side)
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
-    train_set = FixedViewBank(views, data.labels["train"], logits)
+    train_set = FixedViewBank(bank, logits, attention)
     teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""
     role = "student_kd" if teacher_path else "student_scratch"
     return _fit_and_save(

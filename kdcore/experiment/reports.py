@@ -9,13 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from kdcore.cam import grad_cam
 from kdcore.checkpoint import CheckpointMeta
 from kdcore.config import CLASS_NAMES
-from kdcore.data import ImageRecord, label_indices
+from kdcore.data import label_indices, lesion_mask
 from kdcore.experiment.protocol import BusiData
 from kdcore.experiment.runs import StudentRun
 from kdcore.inference import Predictor, load_predictor
@@ -63,13 +62,6 @@ def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
     if not vals:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
-
-
-def lesion_mask(root: Path, record: ImageRecord) -> np.ndarray | None:
-    """Union of an image's lesion masks (benign/malignant), or None if it has none."""
-    masks = [np.asarray(Image.open(root / Path(record.file).parent / m).convert("L")) > 0 for m in record.masks]
-    union = np.logical_or.reduce(masks) if masks else None
-    return union if union is not None and union.any() else None
 
 
 def pointing_game(predictor: Predictor, data: BusiData) -> dict[str, Any]:

@@ -10,6 +10,10 @@ finished is forgotten: an event at once when its result was delivered, after
 ``UNDELIVERED_GRACE_S`` when the client left before it was (Gradio never clears those from
 ``pending_event_ids_session``).
 
+Per session, Gradio 5.50 also keeps a clock (``StateHolder.time_last_used``), a set of pending
+event ids and, for streamed inputs, a dict of streams long after the session itself was
+evicted (``state_session_capacity``): those go when their session has gone.
+
 Everything here runs on the server's event loop, between awaits, like the Gradio code that
 reads these dicts.
 """
@@ -29,8 +33,9 @@ UNDELIVERED_GRACE_S = 600.0
 class QueueJanitor:
     """Forgets a Gradio queue's finished events; ``finished_at`` remembers when each run ended."""
 
-    def __init__(self, queue: Any) -> None:
+    def __init__(self, queue: Any, blocks: gr.Blocks) -> None:
         self.queue = queue
+        self.blocks = blocks
         self.finished_at: dict[str, float] = {}
 
     def active_event_ids(self) -> set[str]:
@@ -63,6 +68,19 @@ class QueueJanitor:
         same event runs again, which a finished event never does."""
         self.queue.server_app.iterators_to_reset.difference_update(event_ids)
 
+    def forget_departed_sessions(self) -> None:
+        """Drop the per-session records of sessions the state holder no longer has."""
+        holder = self.blocks.state_holder
+        live = set(holder.session_data)
+        for session in [s for s in holder.time_last_used if s not in live]:
+            holder.time_last_used.pop(session, None)
+        pending = self.queue.pending_event_ids_session
+        for session in [s for s, ids in pending.items() if s not in live and not ids]:
+            del pending[session]
+        streams = self.blocks.pending_streams
+        for session in [s for s in streams if s not in live]:
+            del streams[session]
+
     def _trim_analytics(self, active: set[str]) -> None:
         queue = self.queue
         excess = len(queue.event_analytics) - MAX_ANALYTICS_RECORDS
@@ -77,7 +95,7 @@ class QueueJanitor:
 
 def bound_queue_bookkeeping(demo: gr.Blocks) -> gr.Blocks:
     """After each run of ``demo``'s queue, forget what is finished (call after ``demo.queue()``)."""
-    janitor = QueueJanitor(demo._queue)
+    janitor = QueueJanitor(demo._queue, demo)
     run_events = demo._queue.process_events
 
     async def process_events_then_forget(events: list, batch: bool, begin_time: float) -> None:
@@ -87,6 +105,7 @@ def bound_queue_bookkeeping(demo: gr.Blocks) -> gr.Blocks:
             janitor.finished_at.update((event._id, time.monotonic()) for event in events)
             janitor.forget_finished_events()
             janitor.forget_finished_iterators(event._id for event in events)
+            janitor.forget_departed_sessions()
 
     demo._queue.process_events = process_events_then_forget
     return demo
