@@ -27,6 +27,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from fastrtc import WebRTC
 from gradio_client import Client, handle_file
 from torch import nn
 
@@ -36,6 +37,7 @@ MAX_RSS_GROWTH_MB = 50.0
 APP_START_TIMEOUT_S = 300.0
 MEASURE_TIMEOUT_S = 120.0
 RSS_SAMPLE_SECONDS = 60.0
+LIVE_DRAIN_TIMEOUT_S = 90.0
 
 
 @dataclass
@@ -110,9 +112,13 @@ def _serve(settings: AppSettings, conn: Connection) -> None:
     with (RSS MB, hook count) until ``"stop"``."""
     demo = launch_in_background(settings)
     conn.send((demo.local_url, queue_settings(demo)))
+    streams = [block for block in demo.blocks.values() if isinstance(block, WebRTC)]
     try:
-        while conn.recv() == "measure":
-            conn.send((resident_mb(), module_hook_count(), len(demo.state_holder.session_data)))
+        while (request := conn.recv()) in ("measure", "connections"):
+            if request == "connections":  # WebRTC peer connections still open
+                conn.send(sum(len(stream.pcs) for stream in streams))
+            else:
+                conn.send((resident_mb(), module_hook_count(), len(demo.state_holder.session_data)))
     finally:
         demo.close()
 
@@ -148,6 +154,19 @@ class AppProcess:
         if not self._conn.poll(MEASURE_TIMEOUT_S):
             raise RuntimeError(f"the app process did not report its memory within {MEASURE_TIMEOUT_S:.0f} s")
         return self._conn.recv()
+
+    def wait_for_live_connections_to_close(self, timeout_s: float = LIVE_DRAIN_TIMEOUT_S) -> int:
+        """Wait until the app holds no WebRTC connection (a closed page's connection ends when
+        its ICE consent expires, ~30 s later); return how many were still open at the end."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._conn.send("connections")
+            if not self._conn.poll(MEASURE_TIMEOUT_S):
+                raise RuntimeError("the app process did not report its connections")
+            open_connections = self._conn.recv()
+            if open_connections == 0 or time.monotonic() > deadline:
+                return open_connections
+            time.sleep(1.0)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         try:
@@ -359,10 +378,13 @@ def run_fresh_sessions_test(
 ) -> FreshSessionsReport:
     """A warm-up round, then ``rounds`` rounds, each with new client sessions; memory after each."""
     warmup, warmup_stream, _ = _round_of_new_sessions(app.url, image, clip, clients, warmup_calls, live)
+    if live:
+        app.wait_for_live_connections_to_close()
     rss_warm, hooks_before, _ = app.measure()
     per_round, errors = [], list(warmup.errors)
     for index in range(rounds):
         log, stream, wall = _round_of_new_sessions(app.url, image, clip, clients, calls, live)
+        still_open = app.wait_for_live_connections_to_close() if live else 0
         rss, _, sessions = app.measure()
         errors += log.errors
         per_round.append(
@@ -378,6 +400,7 @@ def run_fresh_sessions_test(
                 "wall_s": round(wall, 1),
                 "rss_mb": round(rss, 1),
                 "sessions_held": sessions,
+                "live_connections_open_when_measured": still_open,
             }
         )
         print(

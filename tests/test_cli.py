@@ -365,6 +365,8 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
     assert code == 0, err[-3000:]
     student = json.loads((tmp_path / "reports" / "cv" / "s.json").read_text())
     assert student["teacher_cv"] == "t" and student["recipe"]["train"]["alpha"] == 0.3
+    (bank_file,) = (tmp_path / "runs" / "t" / "work").glob("view_bank_*.pt")  # beside the fold's teacher
+    assert len(list((tmp_path / "runs" / "t" / "work").glob("teacher_outputs_*.pt"))) == 1
     history = json.loads((tmp_path / "runs" / "s" / "fold0.json").read_text())["history"]
     assert history[0]["train_kd"] > 0 and history[0]["train_at"] > 0 and history[0]["train_mask"] > 0
     assert student["folds"][0]["files"] == fold["files"]  # the same folds for every recipe

@@ -139,6 +139,4 @@ def prediction_markdown(role: str, prediction: Prediction | None) -> str:
     if prediction is None:
         return f"**{role.capitalize()}**: not loaded"
     confidence = prediction.probabilities[prediction.label]
-    return (
-        f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}) · model {prediction.latency_ms:.1f} ms"
-    )
+    return f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}) · model {prediction.latency_ms:.1f} ms"

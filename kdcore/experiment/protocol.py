@@ -31,6 +31,7 @@ from kdcore.distill import attention_map
 from kdcore.engine import (
     FixedViewBank,
     OnlineAugmented,
+    ViewBank,
     build_view_bank,
     fit,
     predict_logits,
@@ -221,6 +222,36 @@ def teacher_view_outputs(
     return outputs
 
 
+BANK_SEED = 12345  # the same views for every student, KD or not: a fair ablation
+
+
+def cached_view_bank(data: BusiData, size: int, train_cfg: TrainConfig, cache: Path) -> ViewBank:
+    """The student's view bank, built once per (images, augmentation, views, masks) and cached:
+    every student recipe with the same views (scratch, KD, KD + extras) reuses the file."""
+    images = data.images("train", size)
+    masks = data.lesion_masks("train", size) if train_cfg.mask_weight > 0 else None
+    settings = (train_cfg.augment, train_cfg.views_per_image, train_cfg.mixup_views, train_cfg.mixup_alpha, BANK_SEED)
+    digest = hashlib.sha256(repr(settings).encode())
+    for tensor in (images, data.labels["train"], *([masks] if masks is not None else [])):
+        digest.update(tensor.numpy().tobytes())
+    cache_file = cache / f"view_bank_{digest.hexdigest()[:16]}.pt"
+    if cache_file.is_file():
+        try:
+            saved = load_tensor_file(cache_file)
+            return ViewBank(saved["views"], saved["targets"], saved.get("masks"))
+        except (WeightsError, KeyError, TypeError) as exc:  # damaged or tampered: rebuilt, never executed
+            print(f"warning: ignoring view-bank cache {cache_file}: {exc}; rebuilding it")
+    augment = UltrasoundAugment(train_cfg.augment, size)
+    bank = build_view_bank(
+        images, data.labels["train"], augment, train_cfg.views_per_image, BANK_SEED,
+        train_cfg.mixup_views, train_cfg.mixup_alpha, masks,
+    )  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    saved = {"views": bank.views, "targets": bank.targets, **({"masks": bank.masks} if bank.masks is not None else {})}
+    torch.save(saved, cache_file)
+    return bank
+
+
 def train_student(
     model_cfg: ModelConfig,
     preprocess_cfg: PreprocessConfig,
@@ -234,22 +265,11 @@ def train_student(
     """Student on fixed augmented views; with ``teacher_path`` it is distilled (KD),
     without it the same recipe minus the teacher (the ablation). Teacher outputs on the views
     are cached in ``cache_dir`` (default: ``work/`` beside ``out_path``)."""
-    augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
-    bank_seed = 12345  # the same views for every student, KD or not: a fair ablation
-    bank = build_view_bank(
-        data.images("train", preprocess_cfg.input_size),
-        data.labels["train"],
-        augment,
-        train_cfg.views_per_image,
-        bank_seed,
-        train_cfg.mixup_views,
-        train_cfg.mixup_alpha,
-        data.lesion_masks("train", preprocess_cfg.input_size) if train_cfg.mask_weight > 0 else None,
-    )
+    cache = cache_dir if cache_dir is not None else out_path.parent / "work"
+    bank = cached_view_bank(data, preprocess_cfg.input_size, train_cfg, cache)
     logits = attention = None
     if teacher_path is not None:
         side = feature_side(model_cfg, preprocess_cfg.input_size)
-        cache = cache_dir if cache_dir is not None else out_path.parent / "work"
         logits, attention = teacher_view_outputs(teacher_path, bank.views, cache, side)
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
