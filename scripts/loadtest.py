@@ -124,7 +124,7 @@ def _serve(settings: AppSettings, conn: Connection) -> None:
 
 
 class AppProcess:
-    """The app (``kdcore.ui.build_demo(settings)``) served from its own process, as a context manager."""
+    """The app (``kdcore.app.layout.build_demo(settings)``) served from its own process, as a context manager."""
 
     def __init__(self, settings: AppSettings) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: no torch/OpenMP state inherited
