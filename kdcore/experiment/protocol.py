@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from kdcore.metrics import (
     markdown_table,
     plot_confusion_matrix,
 )
-from kdcore.models import WeightsError, build_model, feature_side, load_tensor_file, map_and_logits
+from kdcore.models import WeightsError, build_model, feature_map_side, load_tensor_file, map_and_logits
 from kdcore.transforms import Preprocess, UltrasoundAugment, resize_views
 
 SPLITS = ("train", "val", "test")
@@ -205,21 +206,37 @@ def teacher_view_outputs(
     by teacher, view-bank hash and attention size."""
     key = hashlib.sha256(views.numpy().tobytes()).hexdigest()[:16]
     weights_sha = CheckpointMeta.read(teacher_path).weights_sha256[:16]
+
+    def compute() -> dict[str, torch.Tensor]:
+        teacher, meta = load_checkpoint(teacher_path)
+        teacher.to(memory_format=torch.channels_last)
+        flat = views.reshape(-1, *views.shape[2:])
+        logits, attention = teacher_outputs(teacher, flat, Preprocess(meta.preprocess), attention_side)
+        return {"logits": logits.reshape(*views.shape[:2], -1), "attention": attention.reshape(*views.shape[:2], -1)}
+
     cache_file = cache / f"teacher_outputs_{weights_sha}_{key}_{attention_side}.pt"
+    saved = cached_tensors(cache_file, compute, ("logits", "attention"), "teacher-output")
+    return saved["logits"], saved["attention"]
+
+
+def cached_tensors(
+    cache_file: Path, compute: Callable[[], dict[str, torch.Tensor]], keys: tuple[str, ...], what: str
+) -> dict[str, torch.Tensor]:
+    """The tensors saved in ``cache_file``, or ``compute()``'s, then saved there. A damaged or
+    tampered file (unreadable, pickled code, keys missing) is ignored with a warning and
+    recomputed: it is read with ``weights_only``, so it never runs code."""
     if cache_file.is_file():
         try:
             saved = load_tensor_file(cache_file)
-            return saved["logits"], saved["attention"]
-        except (WeightsError, KeyError, TypeError) as exc:  # damaged or tampered: recomputed, never executed
-            print(f"warning: ignoring teacher-output cache {cache_file}: {exc}; recomputing it")
-    teacher, meta = load_checkpoint(teacher_path)
-    teacher.to(memory_format=torch.channels_last)
-    flat = views.reshape(-1, *views.shape[2:])
-    logits, attention = teacher_outputs(teacher, flat, Preprocess(meta.preprocess), attention_side)
-    outputs = logits.reshape(*views.shape[:2], -1), attention.reshape(*views.shape[:2], -1)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"logits": outputs[0], "attention": outputs[1]}, cache_file)
-    return outputs
+            if isinstance(saved, dict) and all(k in saved for k in keys):
+                return saved
+            raise WeightsError(f"{cache_file.name}: not a {what} cache (keys {sorted(keys)} missing)")
+        except WeightsError as exc:
+            print(f"warning: ignoring {what} cache {cache_file}: {exc}; recomputing it")
+    saved = compute()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, cache_file)
+    return saved
 
 
 BANK_SEED = 12345  # the same views for every student, KD or not: a fair ablation
@@ -235,21 +252,17 @@ def cached_view_bank(data: BusiData, size: int, train_cfg: TrainConfig, cache: P
     for tensor in (images, data.labels["train"], *([masks] if masks is not None else [])):
         digest.update(tensor.numpy().tobytes())
     cache_file = cache / f"view_bank_{digest.hexdigest()[:16]}.pt"
-    if cache_file.is_file():
-        try:
-            saved = load_tensor_file(cache_file)
-            return ViewBank(saved["views"], saved["targets"], saved.get("masks"))
-        except (WeightsError, KeyError, TypeError) as exc:  # damaged or tampered: rebuilt, never executed
-            print(f"warning: ignoring view-bank cache {cache_file}: {exc}; rebuilding it")
-    augment = UltrasoundAugment(train_cfg.augment, size)
-    bank = build_view_bank(
-        images, data.labels["train"], augment, train_cfg.views_per_image, BANK_SEED,
-        train_cfg.mixup_views, train_cfg.mixup_alpha, masks,
-    )  # fmt: skip
-    cache.mkdir(parents=True, exist_ok=True)
-    saved = {"views": bank.views, "targets": bank.targets, **({"masks": bank.masks} if bank.masks is not None else {})}
-    torch.save(saved, cache_file)
-    return bank
+
+    def compute() -> dict[str, torch.Tensor]:
+        augment = UltrasoundAugment(train_cfg.augment, size)
+        bank = build_view_bank(
+            images, data.labels["train"], augment, train_cfg.views_per_image, BANK_SEED,
+            train_cfg.mixup_views, train_cfg.mixup_alpha, masks,
+        )  # fmt: skip
+        return {"views": bank.views, "targets": bank.targets, **({"masks": bank.masks} if masks is not None else {})}
+
+    saved = cached_tensors(cache_file, compute, ("views", "targets"), "view-bank")
+    return ViewBank(saved["views"], saved["targets"], saved.get("masks"))
 
 
 def train_student(
@@ -267,12 +280,12 @@ def train_student(
     are cached in ``cache_dir`` (default: ``work/`` beside ``out_path``)."""
     cache = cache_dir if cache_dir is not None else out_path.parent / "work"
     bank = cached_view_bank(data, preprocess_cfg.input_size, train_cfg, cache)
-    logits = attention = None
-    if teacher_path is not None:
-        side = feature_side(model_cfg, preprocess_cfg.input_size)
-        logits, attention = teacher_view_outputs(teacher_path, bank.views, cache, side)
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
+    logits = attention = None
+    if teacher_path is not None:  # the teacher's maps are pooled to the size of the student's
+        side = feature_map_side(model, preprocess_cfg.input_size)
+        logits, attention = teacher_view_outputs(teacher_path, bank.views, cache, side)
     train_set = FixedViewBank(bank, logits, attention)
     teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""
     role = "student_kd" if teacher_path else "student_scratch"
