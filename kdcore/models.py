@@ -1,5 +1,6 @@
-"""Teacher (global transformer branch + CNN branch, each with its own normalisation,
-concatenated into an MLP head) and student builders, by timm names."""
+"""Teachers (a global transformer branch + a CNN branch concatenated into an MLP head, or an
+ensemble of CNNs read by one linear layer; each CNN with its own normalisation) and student
+builders, by timm names."""
 
 from __future__ import annotations
 
@@ -232,6 +233,60 @@ class HybridTeacher(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class FeatureEnsemble(nn.Module):
+    """Teacher made of several ImageNet CNNs that see the same [0, 1] image, each normalised
+    with its own statistics. Their last maps (the same stride, so the same grid) are joined
+    along channels, average-pooled, standardised and read by one linear layer. With
+    ``flip_average`` every CNN also sees the mirrored image and its map is mirrored back and
+    averaged: flip test-time augmentation inside the model (in eval mode; training sees
+    randomly flipped views instead), so Grad-CAM on the joined map (``cam_layer``) still
+    explains the logits exactly.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_size: int = 224) -> None:
+        super().__init__()
+        names = (cfg.cnn_name, *cfg.ensemble_members)
+        self.members = nn.ModuleList(create_backbone(name, cfg.cnn_init, num_classes=0) for name in names)
+        self.norms = nn.ModuleList(Normalize(m.pretrained_cfg["mean"], m.pretrained_cfg["std"]) for m in self.members)
+        self.flip_average = cfg.flip_average
+        self.joined = nn.Identity()  # the joined map: what Grad-CAM explains
+        with torch.no_grad():
+            shapes = [m.eval().forward_features(torch.zeros(1, 3, input_size, input_size)).shape for m in self.members]
+        if len({shape[2:] for shape in shapes}) > 1:
+            grids = ", ".join(f"{n}: {tuple(s[2:])}" for n, s in zip(names, shapes))
+            raise ValueError(f"ensemble members must give the same feature grid at {input_size} px ({grids})")
+        width = sum(shape[1] for shape in shapes)
+        self.standardise = nn.BatchNorm1d(width, affine=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(width, cfg.num_classes)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.joined
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' last maps joined along channels (flip-averaged with ``flip_average``)."""
+        maps = []
+        for member, norm in zip(self.members, self.norms):
+            if self.flip_average and not self.training:
+                both = member.forward_features(norm(torch.cat([x, x.flip(3)])))
+                plain, mirrored = both.chunk(2)
+                maps.append(0.5 * (plain + mirrored.flip(3)))
+            else:
+                maps.append(member.forward_features(norm(x)))
+        return self.joined(torch.cat(maps, dim=1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x)
+
+    def forward_head(self, feature_map: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = feature_map.mean(dim=(2, 3))
+        return pooled if pre_logits else self.classifier(self.dropout(self.standardise(pooled)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 FROZEN_BACKBONE = -1  # ``frozen_blocks`` value: the whole CNN is frozen, only the head learns
 
 
@@ -246,9 +301,9 @@ def frozen_modules(cnn: nn.Module, blocks: int) -> list[nn.Module]:
     return [cnn.conv_stem, cnn.bn1, *cnn.blocks[:blocks]]
 
 
-def freeze(model: nn.Module, cnn: nn.Module, blocks: int) -> nn.Module:
-    """Freeze the CNN's stem + first blocks: faster on CPU and safer on 500 images."""
-    model.frozen_modules = frozen_modules(cnn, blocks)
+def freeze(model: nn.Module, cnns: list[nn.Module], blocks: int) -> nn.Module:
+    """Freeze each CNN's stem + first blocks: faster on CPU and safer on 500 images."""
+    model.frozen_modules = [module for cnn in cnns for module in frozen_modules(cnn, blocks)]
     for module in model.frozen_modules:
         for p in module.parameters():
             p.requires_grad_(False)
@@ -272,10 +327,13 @@ def build_model(cfg: ModelConfig, input_size: int = 224) -> nn.Module:
     """Teacher or student from its config."""
     if cfg.kind == "teacher":
         model = HybridTeacher(cfg, input_size)
-        return freeze(model, model.cnn, cfg.frozen_blocks)
+        return freeze(model, [model.cnn], cfg.frozen_blocks)
+    if cfg.kind == "ensemble":
+        model = FeatureEnsemble(cfg, input_size)
+        return freeze(model, list(model.members), cfg.frozen_blocks)
     if cfg.kind == "student":
         model = create_backbone(cfg.cnn_name, cfg.cnn_init, num_classes=cfg.num_classes)
-        return freeze(model, model, cfg.frozen_blocks)
+        return freeze(model, [model], cfg.frozen_blocks)
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 
@@ -309,6 +367,8 @@ def new_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
     head, or a timm model's classifier. They learn at the full rate when the backbone is slowed."""
     if isinstance(model, HybridTeacher):
         return [*model.vit.parameters(), *model.head.parameters()]
+    if isinstance(model, FeatureEnsemble):
+        return list(model.classifier.parameters())
     return list(model.get_classifier().parameters())
 
 

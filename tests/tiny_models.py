@@ -19,3 +19,9 @@ TINY_TEACHER = ModelConfig(
     transformer_heads=2,
     head_hidden=32,
 )
+TINY_ENSEMBLE = ModelConfig(
+    kind="ensemble",
+    cnn_name="mobilenetv3_small_050",
+    ensemble_members=("mobilenetv3_small_075",),
+    frozen_blocks=-1,
+)

@@ -30,6 +30,7 @@ from kdcore.data import (
 )
 from kdcore.distill import attention_map
 from kdcore.engine import (
+    FitResult,
     FixedViewBank,
     OnlineAugmented,
     ViewBank,
@@ -50,6 +51,7 @@ from kdcore.metrics import (
     plot_confusion_matrix,
 )
 from kdcore.models import WeightsError, build_model, feature_map_side, load_tensor_file, map_and_logits
+from kdcore.probe import fit_probe_head
 from kdcore.transforms import Preprocess, UltrasoundAugment, resize_views
 
 SPLITS = ("train", "val", "test")
@@ -130,22 +132,41 @@ def _fit_and_save(
     role: str,
     half: bool,
     teacher_weights_sha256: str = "",
+    history_before: list[dict[str, float]] | None = None,
 ) -> Path:
-    """Train on ``train_set`` (best state on validation), calibrate on validation, save."""
-    preprocess = Preprocess(preprocess_cfg)
-    work_dir = out_path.parent / "work" / out_path.name
+    """Train on ``train_set`` (best state on validation), calibrate on validation, save;
+    ``history_before``: rows of an earlier stage (a probe) kept at the head of the history."""
     result = fit(
         model,
         train_set,
         data.images("val", preprocess_cfg.input_size),
         data.labels["val"],
         data.labels["train"],
-        preprocess,
+        Preprocess(preprocess_cfg),
         train_cfg,
-        work_dir,
+        out_path.parent / "work" / out_path.name,
         resume,
         desc=out_path.name,
     )
+    result.history[:0] = history_before or []
+    return _calibrate_and_save(model, result, model_cfg, preprocess_cfg, train_cfg, data, out_path, role, half,
+                               teacher_weights_sha256)  # fmt: skip
+
+
+def _calibrate_and_save(
+    model: torch.nn.Module,
+    result: FitResult,
+    model_cfg: ModelConfig,
+    preprocess_cfg: PreprocessConfig,
+    train_cfg: TrainConfig,
+    data: BusiData,
+    out_path: Path,
+    role: str,
+    half: bool,
+    teacher_weights_sha256: str = "",
+) -> Path:
+    """Temperature on validation, then the weights and their record."""
+    preprocess = Preprocess(preprocess_cfg)
     model = model.to(memory_format=torch.contiguous_format).eval()
     temperature, calibration = _calibrate(model, data, preprocess)
     meta = CheckpointMeta(
@@ -165,6 +186,9 @@ def _fit_and_save(
     return save_checkpoint(out_path, model, meta, half=half)
 
 
+HEAD_FITS = ("sgd", "probe", "probe_sgd")
+
+
 def train_teacher(
     model_cfg: ModelConfig,
     preprocess_cfg: PreprocessConfig,
@@ -173,14 +197,31 @@ def train_teacher(
     out_path: Path,
     resume: bool = False,
 ) -> Path:
-    """Train the hybrid teacher with fresh augmentation every epoch."""
+    """Train the teacher with fresh augmentation every epoch; or (``head_fit=probe``) fit an
+    ensemble's linear head in one go on its ImageNet features; or (``probe_sgd``) both, the
+    probe first (linear probing, then fine-tuning: Kumar et al., ICLR 2022)."""
+    if train_cfg.head_fit not in HEAD_FITS:
+        raise ValueError(f"head_fit must be one of {HEAD_FITS}, got {train_cfg.head_fit!r}")
     seed_everything(train_cfg.seed)  # the initial weights follow the seed, not earlier RNG use
     model = build_model(model_cfg, preprocess_cfg.input_size)
-    augment = UltrasoundAugment(train_cfg.augment, preprocess_cfg.input_size)
-    train_set = OnlineAugmented(data.images("train", preprocess_cfg.input_size), data.labels["train"], augment)
+    size = preprocess_cfg.input_size
+    probe_rows: list[dict[str, float]] = []
+    if train_cfg.head_fit != "sgd":
+        probed = fit_probe_head(
+            model, data.images("train", size), data.labels["train"], data.images("val", size), data.labels["val"],
+            Preprocess(preprocess_cfg), train_cfg,
+        )  # fmt: skip
+        if train_cfg.head_fit == "probe":
+            return _calibrate_and_save(
+                model, probed, model_cfg, preprocess_cfg, train_cfg, data, out_path, "teacher", True
+            )
+        probe_rows = probed.history
+    augment = UltrasoundAugment(train_cfg.augment, size)
+    train_set = OnlineAugmented(data.images("train", size), data.labels["train"], augment)
     return _fit_and_save(
-        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, "teacher", half=True
-    )
+        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, "teacher", True,
+        history_before=probe_rows,
+    )  # fmt: skip
 
 
 @torch.no_grad()
