@@ -21,6 +21,7 @@ from gradio.data_classes import ImageData
 from kdcore.app import handlers
 from kdcore.app.about import about_markdown
 from kdcore.app.live_session import LiveSession
+from kdcore.app.patches.malloc_arenas import limit_malloc_arenas
 from kdcore.app.patches.queue_hygiene import bound_queue_bookkeeping
 from kdcore.app.patches.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise_server_video_bitrate
 from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, ROLES, LoadedModels, load_models
@@ -250,6 +251,7 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
 
 def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
     """The whole app; starts even when checkpoints are missing, and says so at the top."""
+    limit_malloc_arenas()  # before the server's threads start
     models = load_models(settings.checkpoints)
     for problem in models.problems:
         logger.warning(problem)
