@@ -14,8 +14,8 @@ from kdcore.app.live_session import (
     STATUS_BAR_HEIGHT,
     FrameRateMeter,
     LiveSession,
-    ProbabilitySmoother,
     RegionOfInterest,
+    RunningMean,
 )
 from kdcore.app.phantom import EXAMPLE_PHANTOMS, speckle_phantom
 from kdcore.app.service import ImageAnalysis, analyse_image, load_models
@@ -121,7 +121,7 @@ def test_region_of_interest_box():
 
 
 def test_probability_smoother_moves_towards_new_values():
-    smoother = ProbabilitySmoother()
+    smoother = RunningMean()
     first = smoother.update(np.array([1.0, 0.0, 0.0]), weight=0.6)
     np.testing.assert_allclose(first, [1, 0, 0])
     np.testing.assert_allclose(smoother.update(np.array([0.0, 1.0, 0.0]), 0.6), [0.6, 0.4, 0.0])

@@ -9,27 +9,45 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
 from fastrtc import AdditionalOutputs
 
-from kdcore.app.live_session import LiveSession, RegionOfInterest
+from kdcore.app.live_session import LIVE_STOPPED_MARKDOWN, LiveSession, RegionOfInterest
+from kdcore.app.result_files import new_result_path
 from kdcore.app.service import ROLES, ImageAnalysis, LoadedModels, analyse_image, prediction_markdown
 from kdcore.app.video import (
+    ClipInfo,
     FrameResult,
     VideoReadError,
     analyse_clip,
     clip_summary_markdown,
+    frames_csv,
+    most_suspicious_frame,
     probe_clip,
+    read_frame,
     timeline_table,
 )
 from kdcore.imaging import ImageReadError, read_grey_image
+from kdcore.overlay import overlay_heatmap
 
 USER_ERRORS = (ImageReadError, VideoReadError)
+
+
+logger = logging.getLogger(__name__)
+
+
+def user_error(exc: Exception) -> gr.Error:
+    """A refused input: one log line (no traceback) and the reason for the user."""
+    logger.info("refused input: %s", exc)
+    return gr.Error(str(exc), print_exception=False)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -42,7 +60,7 @@ def user_errors(fn: Callable) -> Callable:
             try:
                 yield from fn(*args, **kwargs)
             except USER_ERRORS as exc:
-                raise gr.Error(str(exc)) from exc
+                raise user_error(exc) from None
 
         return generator_wrapper
 
@@ -51,7 +69,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            raise gr.Error(str(exc)) from exc
+            raise user_error(exc) from None
 
     return wrapper
 
@@ -84,6 +102,22 @@ def predict(models: LoadedModels, path: str | None, opacity: float) -> tuple:
     return analysis.as_json(), *overlay_values(analysis, opacity), analysis
 
 
+def page_prediction(models: LoadedModels, path: str | None, opacity: float) -> list[Any]:
+    """The Image tab's update: JSON, overlays, analysis state and the panel's text. A file that
+    cannot be analysed leaves its reason in the panel, where the result would have been (a
+    toast alone vanishes); the API (``predict``) raises instead."""
+    try:
+        payload, *overlays, analysis = predict(models, path, opacity)
+    except gr.Error as exc:
+        return [{"error": exc.message}, None, None, None, *error_summary(exc.message)]
+    return [payload, *overlays, analysis, *summary_values(analysis)]
+
+
+def error_summary(message: str) -> list[Any]:
+    """Panel text for a refused input: empty model lines, the reason in the marker's place."""
+    return [""] * len(ROLES) + [None] * len(ROLES) + [f"### ❌ Not analysed\n{message}"]
+
+
 def live_frame(
     models: LoadedModels,
     frame_bgr: np.ndarray,
@@ -108,6 +142,11 @@ def live_panel(probabilities: dict[str, float], stats: str) -> tuple[dict[str, f
     return probabilities, stats
 
 
+def live_stopped() -> tuple[None, str]:
+    """After Stop, the side panel no longer shows the last label and frame rate as if live."""
+    return None, LIVE_STOPPED_MARKDOWN
+
+
 def ask_teacher(models: LoadedModels, live: LiveSession, opacity: float) -> list[Any]:
     """Teacher and student on the live stream's last frame: overlays, then the panel's text."""
     if live.last_grey is None:
@@ -116,9 +155,41 @@ def ask_teacher(models: LoadedModels, live: LiveSession, opacity: float) -> list
     return [*overlay_values(analysis, opacity), *summary_values(analysis)]
 
 
+@dataclass(frozen=True)
+class ClipReview:
+    """What the Video tab keeps per session after an analysis: the clip's path and per-frame
+    results (small), so any frame can be decoded again and shown on request."""
+
+    path: str
+    info: ClipInfo
+    results: tuple[FrameResult, ...]
+
+    def index_at(self, seconds: float) -> int:
+        return min(max(round(seconds * self.info.fps), 0), len(self.results) - 1)
+
+
+@user_errors
+def clip_preview(path: str | None) -> tuple[np.ndarray | None, str]:
+    """The clip's first frame and what will be analysed, as soon as it is uploaded."""
+    if not path:
+        return None, ""
+    info = probe_clip(path)
+    grey = read_frame(path, info, 0)
+    note = f" {info.cap_message}" if info.capped else ""
+    return grey, f"{info.name}: {info.frames_to_analyse} frames at {info.fps:.1f} FPS. Press **Analyse clip**.{note}"
+
+
+def frame_status(result: FrameResult, info: ClipInfo) -> str:
+    return (
+        f"frame {result.index + 1}/{info.frames_to_analyse} · {result.time_s:.1f} s · **{result.label}** "
+        f"({result.probabilities[result.label]:.0%}) · student forward pass {result.latency_ms:.1f} ms"
+    )
+
+
 @user_errors
 def analyse_video(models: LoadedModels, path: str | None, opacity: float) -> Iterator[tuple]:
-    """/analyse_video: (overlay frame, status, timeline, summary) per frame, at the clip's pace."""
+    """/analyse_video, at the clip's pace: (overlay frame, status, timeline, per-frame CSV, review
+    state, teacher and student overlays on the most suspicious frame, that panel's text, summary)."""
     if not path:
         raise gr.Error("Upload a clip first.")
     if models.student_cam is None:
@@ -127,7 +198,8 @@ def analyse_video(models: LoadedModels, path: str | None, opacity: float) -> Ite
     if info.capped:
         gr.Warning(info.cap_message)
     results: list[FrameResult] = []
-    overlay = None
+    overlay, status = None, ""
+    empty_panel = [None, None, *summary_values(None)]
     started = time.perf_counter()
     # Plain values only: for each gr.skip()/gr.update() output Gradio 5.50 adds a rebuilt
     # copy of the component to the session's blocks, more per clip, never freed.
@@ -136,7 +208,38 @@ def analyse_video(models: LoadedModels, path: str | None, opacity: float) -> Ite
         wait = started + result.time_s - time.perf_counter()
         if wait > 0:
             time.sleep(wait)  # play back at the clip's own pace
-        status = f"frame {result.index + 1}/{info.frames_to_analyse} · {result.label} · {result.latency_ms:.1f} ms"
-        yield overlay, status, None, ""
+        status = frame_status(result, info)
+        yield overlay, status, None, None, None, *empty_panel, ""
     wall = time.perf_counter() - started
-    yield overlay, "Done.", timeline_table(results), clip_summary_markdown(results, info, wall)
+    if not results:
+        yield overlay, status, None, None, None, *empty_panel, clip_summary_markdown(results, info, wall)
+        return
+    peak = most_suspicious_frame(results)
+    analysis = analyse_image(models, read_frame(path, info, peak.index))
+    csv_path = frames_csv(results, new_result_path(f"{Path(info.name).stem}-frames", ".csv"))
+    yield (
+        overlay,
+        f"{status} · done",
+        timeline_table(results),
+        str(csv_path),
+        ClipReview(path, info, tuple(results)),
+        *overlay_values(analysis, opacity),
+        *summary_values(analysis),
+        clip_summary_markdown(results, info, wall)
+        + f"\n\nBelow: teacher and student on the most suspicious frame ({peak.time_s:.1f} s).",
+    )
+
+
+def video_frame_at(models: LoadedModels, review: ClipReview | None, seconds: float, opacity: float) -> tuple:
+    """The analysed frame nearest ``seconds``, with the student's Grad-CAM, and its status line."""
+    if review is None or models.student_cam is None:
+        return None, "Analyse a clip first, then pick a time."
+    index = review.index_at(seconds)
+    try:
+        grey = read_frame(review.path, review.info, index)
+    except (VideoReadError, OSError) as exc:
+        raise gr.Error(f"That frame cannot be shown any more ({exc}); upload the clip again.") from exc
+    prediction, heatmap = models.student_cam.predict_with_cam(grey)
+    result = FrameResult(index, index / review.info.fps, prediction.label, prediction.probabilities,
+                         prediction.latency_ms)  # fmt: skip
+    return overlay_heatmap(grey, heatmap, opacity), frame_status(result, review.info)

@@ -25,7 +25,7 @@ from kdcore.app.patches.malloc_arenas import limit_malloc_arenas
 from kdcore.app.patches.queue_hygiene import bound_queue_bookkeeping
 from kdcore.app.patches.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise_server_video_bitrate
 from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, ROLES, LoadedModels, load_models
-from kdcore.app.video import MAX_VIDEO_BYTES, VIDEO_SUFFIXES
+from kdcore.app.video import MAX_CLIP_SECONDS, MAX_VIDEO_BYTES, TIMELINE_X, TIMELINE_Y, VIDEO_SUFFIXES
 from kdcore.config import REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES
 
@@ -61,6 +61,12 @@ class AppSettings:
     host: str = "127.0.0.1"
     port: int = 7860
     max_sessions: int = MAX_SESSIONS
+
+
+LIVE_BUTTON_LABELS = {"start": "Start live analysis", "stop": "Stop", "waiting": "Connecting…"}
+# FastRTC mirrors its preview whenever the stream is not open, whatever ``mirror_webcam`` says:
+# the picture flipped left-right at start and stop. Ultrasound is never shown mirrored.
+APP_CSS = "#live-stream video.flip { transform: none !important; }"
 
 
 def launch_options(settings: AppSettings) -> dict[str, Any]:
@@ -157,11 +163,14 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
     analysis_state = gr.State(None, time_to_live=STATE_TTL_SECONDS)
     with gr.Row():
         with gr.Column(scale=1):
-            pasted = image_drop_box(label="Ultrasound image — drop, upload or paste", sources=["upload", "clipboard"])
+            pasted = image_drop_box(
+                label="Ultrasound image — drop, upload or paste", sources=["upload", "clipboard"], elem_id="image-drop"
+            )
             uploaded = gr.File(
                 label="…or any file: PNG, JPEG, BMP, TIFF, DICOM",
                 file_types=list(IMAGE_SUFFIXES),
                 type="filepath",
+                elem_id="image-file",
             )
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             gr.Examples(example_files(settings, BROWSER_IMAGE_SUFFIXES), inputs=[pasted], label="Examples")
@@ -169,14 +178,18 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
             panel = comparison_panel("image")
             result_json = gr.JSON(label="Result (JSON, as returned by /predict)")
 
-    outputs = [result_json, *panel.overlays, analysis_state]
+    api_outputs = [result_json, *panel.overlays, analysis_state]
     for source, api_name in ((uploaded, "predict"), (pasted, "predict_image")):
-        source.change(partial(handlers.predict, models), [source, opacity], outputs, api_name=api_name).success(
-            handlers.summary_values,
-            [analysis_state],
-            panel.text_outputs,
-            api_name=f"{api_name}_summary",
+        source.change(
+            partial(handlers.page_prediction, models),
+            [source, opacity],
+            [*api_outputs, *panel.text_outputs],
+            api_name=f"{api_name}_page",
             show_api=False,
+        )
+        # The API endpoint: the same analysis, refusals raised as errors for the client.
+        gr.Button(visible=False).click(
+            partial(handlers.predict, models), [source, opacity], api_outputs, api_name=api_name
         )
     opacity.change(
         handlers.overlay_values, [analysis_state, opacity], panel.overlays, api_name="image_opacity", show_api=False
@@ -198,6 +211,7 @@ def _live_tab(models: LoadedModels) -> None:
                 track_constraints=LIVE_TRACK_CONSTRAINTS,
                 rtp_params=LIVE_RTP_PARAMS,
                 full_screen=False,
+                button_labels=LIVE_BUTTON_LABELS,
                 elem_id="live-stream",
             )
         with gr.Column(scale=1):
@@ -208,7 +222,10 @@ def _live_tab(models: LoadedModels) -> None:
             with gr.Accordion("Region of interest (crop the scanner's interface)", open=False):
                 crops = [gr.Slider(0, 45, value=0, step=1, label=f"Crop {side} %") for side in ROI_SIDES]
             freeze = gr.Button("Freeze frame — ask the teacher", variant="primary")
-    gr.Markdown("### Frozen frame: teacher vs student")
+    gr.Markdown(
+        "### Frozen frame: teacher vs student\nThis one frame, without temporal smoothing: its numbers can "
+        "differ from the smoothed live panel above."
+    )
     panel = comparison_panel("frozen")
 
     stream.stream(
@@ -219,6 +236,7 @@ def _live_tab(models: LoadedModels) -> None:
         concurrency_limit=2,
     )
     stream.on_additional_outputs(handlers.live_panel, outputs=[live_label, live_stats])
+    stream.stop_recording(handlers.live_stopped, None, [live_label, live_stats], show_api=False)
     freeze.click(
         partial(handlers.ask_teacher, models),
         [session, opacity],
@@ -228,24 +246,40 @@ def _live_tab(models: LoadedModels) -> None:
 
 
 def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
+    review = gr.State(None, time_to_live=STATE_TTL_SECONDS)
     with gr.Row():
         with gr.Column(scale=1):
             clip = gr.File(label="Cine loop (mp4, avi, mov, gif)", file_types=list(VIDEO_SUFFIXES), type="filepath")
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             run = gr.Button("Analyse clip", variant="primary")
-            gr.Examples(example_files(settings, VIDEO_SUFFIXES), inputs=[clip], label="Examples")
+            gr.Examples(example_files(settings, VIDEO_SUFFIXES), inputs=[clip], label="Examples (synthetic phantoms)")
         with gr.Column(scale=2):
             frame = gr.Image(label="Student + Grad-CAM, at the clip's pace", interactive=False, format="jpeg")
-            progress = gr.Markdown()
+            progress = gr.Markdown(elem_id="video-status")
     timeline = gr.LinePlot(
-        x="time_s", y="probability", color="class", y_lim=[0, 1], label="Per-frame class probabilities"
+        x=TIMELINE_X, y=TIMELINE_Y, color="class", y_lim=[0, 1], label="Per-frame class probabilities (student)"
     )
-    summary = gr.Markdown()
+    seek = gr.Slider(
+        0.0,
+        MAX_CLIP_SECONDS,
+        value=0.0,
+        step=0.1,
+        label="Show the frame at (s) — after the analysis",
+        elem_id="video-seek",
+    )
+    summary = gr.Markdown(elem_id="video-summary")
+    per_frame = gr.File(label="Per-frame results (CSV)", interactive=False, elem_id="video-csv")
+    panel = comparison_panel("video")
+
+    clip.change(handlers.clip_preview, [clip], [frame, progress], api_name="clip_preview", show_api=False)
     run.click(
         partial(handlers.analyse_video, models),
         [clip, opacity],
-        [frame, progress, timeline, summary],
+        [frame, progress, timeline, per_frame, review, *panel.overlays, *panel.text_outputs, summary],
         api_name="analyse_video",
+    )
+    seek.release(
+        partial(handlers.video_frame_at, models), [review, seek, opacity], [frame, progress], api_name="video_frame"
     )
 
 
@@ -257,7 +291,7 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
         logger.warning(problem)
     raise_server_video_bitrate()
     with gr.Blocks(
-        title="Breast ultrasound KD demo", analytics_enabled=False, delete_cache=CACHE_CLEANUP_SECONDS
+        title="Breast ultrasound KD demo", analytics_enabled=False, delete_cache=CACHE_CLEANUP_SECONDS, css=APP_CSS
     ) as demo:
         gr.Markdown("# Breast ultrasound: ViT+CNN teacher vs MobileNetV3 student\n" + DISCLAIMER)
         if models.problems:

@@ -43,8 +43,8 @@ class RegionOfInterest:
         return not any((self.left, self.top, self.right, self.bottom))
 
 
-class ProbabilitySmoother:
-    """Exponential moving average of class probabilities; ``weight`` 0 means no smoothing."""
+class RunningMean:
+    """Exponential moving average (of class probabilities, of latencies); ``weight`` 0: the last value."""
 
     def __init__(self) -> None:
         self.average: np.ndarray | None = None
@@ -77,9 +77,14 @@ class FrameRateMeter:
         return 1.0 / self.mean_interval if self.mean_interval else 0.0
 
 
+LATENCY_NAME = "processing"  # one definition everywhere: grey conversion + student + Grad-CAM + overlay
+LATENCY_SMOOTHING = 0.9  # running mean over ~10 frames, shown in the frame and in the panel alike
+
+
 @dataclass(frozen=True)
 class LiveFrame:
-    """What one processed frame shows: the overlay frame and the numbers behind it."""
+    """What one processed frame shows: the overlay frame and the numbers behind it.
+    ``latency_ms`` is the running mean of the per-frame processing time (``LATENCY_NAME``)."""
 
     frame_bgr: np.ndarray
     label: str
@@ -90,22 +95,28 @@ class LiveFrame:
     def status_text(self) -> str:
         return (
             f"student: {self.label} {self.probabilities[self.label]:.0%} | "
-            f"{self.latency_ms:.1f} ms/frame | {self.fps:.1f} FPS"
+            f"{LATENCY_NAME} {self.latency_ms:.1f} ms/frame | {self.fps:.1f} FPS"
         )
 
     def status_markdown(self) -> str:
         return (
-            f"**Student**: {self.label} ({self.probabilities[self.label]:.0%}) · "
-            f"**{self.latency_ms:.1f} ms** per frame · **{self.fps:.1f} FPS**"
+            f"**Student**: {self.label} ({self.probabilities[self.label]:.0%}, smoothed) · "
+            f"{LATENCY_NAME} **{self.latency_ms:.1f} ms/frame** · **{self.fps:.1f} FPS**\n\n"
+            f"{LATENCY_NAME}: grey conversion + student + Grad-CAM + overlay, running mean; "
+            "FPS: frames shown per second"
         )
+
+
+LIVE_STOPPED_MARKDOWN = "Stopped: no live analysis. Press the camera button to start again."
 
 
 @dataclass
 class LiveSession:
     """Per-browser-session state of the live tab (deep-copyable for ``gr.State``)."""
 
-    smoother: ProbabilitySmoother = field(default_factory=ProbabilitySmoother)
+    smoother: RunningMean = field(default_factory=RunningMean)
     meter: FrameRateMeter = field(default_factory=FrameRateMeter)
+    latency: RunningMean = field(default_factory=RunningMean)  # of the processing ms/frame
     last_grey: np.ndarray | None = None
     last_panel_time: float = 0.0
 
@@ -134,7 +145,8 @@ class LiveSession:
         if not roi.is_full_frame:
             cv2.rectangle(annotated, (x0, y0), (x1 - 1, y1 - 1), ROI_COLOUR_BGR, 1)
         latency_ms = (time.perf_counter() - started) * 1000
-        result = LiveFrame(annotated, label, probabilities, latency_ms, self.meter.tick(time.perf_counter()))
+        mean_latency = float(self.latency.update(np.array(latency_ms), LATENCY_SMOOTHING))
+        result = LiveFrame(annotated, label, probabilities, mean_latency, self.meter.tick(time.perf_counter()))
         return replace(result, frame_bgr=with_status_bar(annotated, result.status_text()))
 
     def panel_due(self, now: float) -> bool:

@@ -108,27 +108,137 @@ def analyse_clip(
         yield overlay_heatmap(grey, heatmap, opacity), result
 
 
+def read_frame(path: str | Path, info: ClipInfo, index: int) -> np.ndarray:
+    """Frame ``index`` (clamped to the analysed frames) as HxW uint8, decoded again from the file."""
+    index = min(max(index, 0), info.frames_to_analyse - 1)
+    capture = cv2.VideoCapture(str(path))
+    try:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, index)
+        ok, frame = capture.read()
+    finally:
+        capture.release()
+    if not ok:  # a container that cannot seek: decode from the start
+        for i, grey in enumerate(iter_grey_frames(path, info)):
+            if i == index:
+                return grey
+        raise VideoReadError(f"{info.name}: frame {index + 1} could not be decoded.")
+    try:
+        return grey_from_bgr(frame, info.name)
+    except ImageReadError as exc:
+        raise VideoReadError(str(exc)) from exc
+
+
+TIMELINE_X, TIMELINE_Y = "time (s)", "probability"
+
+
 def timeline_table(results: list[FrameResult]) -> pd.DataFrame:
-    """Long table (time_s, class, probability) for a per-class line plot."""
+    """Long table (time, class, probability) for a per-class line plot."""
     rows = [
-        {"time_s": round(r.time_s, 3), "class": name, "probability": p}
+        {TIMELINE_X: round(r.time_s, 3), "class": name, TIMELINE_Y: p}
         for r in results
         for name, p in r.probabilities.items()
     ]
-    return pd.DataFrame(rows, columns=["time_s", "class", "probability"])
+    return pd.DataFrame(rows, columns=[TIMELINE_X, "class", TIMELINE_Y])
 
 
-def clip_summary_markdown(results: list[FrameResult], info: ClipInfo, wall_seconds: float) -> str:
-    """Clip-level verdict: mean probabilities, frame votes, speed."""
+def frames_csv(results: list[FrameResult], out: Path) -> Path:
+    """Per-frame results as CSV: frame, time, label, one probability column per class, latency."""
+    class_names = list(results[0].probabilities) if results else []
+    table = pd.DataFrame(
+        [
+            {
+                "frame": r.index + 1,
+                "time_s": round(r.time_s, 3),
+                "label": r.label,
+                **{f"p_{name}": round(p, 5) for name, p in r.probabilities.items()},
+                "latency_ms": round(r.latency_ms, 2),
+            }
+            for r in results
+        ],
+        columns=["frame", "time_s", "label", *(f"p_{n}" for n in class_names), "latency_ms"],
+    )
+    table.to_csv(out, index=False)
+    return out
+
+
+SUSPICIOUS_CLASS = "malignant"
+SUSPICION_THRESHOLD = 0.5  # a frame whose malignant probability reaches this is flagged
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive frames whose malignant probability reaches the threshold."""
+
+    first: FrameResult
+    last: FrameResult
+    peak: FrameResult
+    frames: int
+    fps: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.fps
+
+    @property
+    def peak_probability(self) -> float:
+        return self.peak.probabilities[SUSPICIOUS_CLASS]
+
+
+def suspicious_segments(
+    results: list[FrameResult], fps: float, threshold: float = SUSPICION_THRESHOLD
+) -> list[Segment]:
+    """Runs of frames with malignant probability >= ``threshold``, most suspicious first
+    (highest peak, then longest)."""
+    segments, run = [], []
+    for result in [*results, None]:
+        if result is not None and result.probabilities.get(SUSPICIOUS_CLASS, 0.0) >= threshold:
+            run.append(result)
+            continue
+        if run:
+            peak = max(run, key=lambda r: r.probabilities[SUSPICIOUS_CLASS])
+            segments.append(Segment(run[0], run[-1], peak, len(run), fps))
+            run = []
+    return sorted(segments, key=lambda s: (-s.peak_probability, -s.frames))
+
+
+def most_suspicious_frame(results: list[FrameResult]) -> FrameResult:
+    """The frame with the highest malignant probability (the earliest of equals)."""
+    return max(results, key=lambda r: (r.probabilities.get(SUSPICIOUS_CLASS, 0.0), -r.index))
+
+
+def clip_summary_markdown(
+    results: list[FrameResult], info: ClipInfo, wall_seconds: float, threshold: float = SUSPICION_THRESHOLD
+) -> str:
+    """Clip-level summary that never lets an average hide a finding: the most suspicious
+    segment (when, how long, peak) comes first, then means, frame votes and speed."""
     if not results:
         return f"{info.name}: no frame could be decoded."
     class_names = list(results[0].probabilities)
     mean = {name: float(np.mean([r.probabilities[name] for r in results])) for name in class_names}
     votes = Counter(r.label for r in results)
-    verdict = max(mean, key=mean.get)
+    average_verdict = max(mean, key=mean.get)
     latencies = [r.latency_ms for r in results]
-    lines = [
-        f"### Clip summary: **{verdict}** (mean probability {mean[verdict]:.0%})",
+    segments = suspicious_segments(results, info.fps, threshold)
+    if segments:
+        top = segments[0]
+        lines = [
+            f"### Clip summary: ⚠ {SUSPICIOUS_CLASS} in part of the clip",
+            f"- **most suspicious segment: {top.first.time_s:.1f}–{top.last.time_s:.1f} s** "
+            f"({top.duration_s:.1f} s, {top.frames} frames), {SUSPICIOUS_CLASS} probability up to "
+            f"**{top.peak_probability:.0%}** at {top.peak.time_s:.1f} s",
+            f"- {len(segments)} segment(s) with {SUSPICIOUS_CLASS} ≥ {threshold:.0%}, "
+            f"{sum(s.frames for s in segments)} of {len(results)} frames",
+            f"- the whole-clip average says {average_verdict} ({mean[average_verdict]:.0%}): "
+            "an average can hide a short finding, review the segment",
+        ]
+    else:
+        peak = most_suspicious_frame(results)
+        lines = [
+            f"### Clip summary: **{average_verdict}** (mean probability {mean[average_verdict]:.0%})",
+            f"- no frame reached {SUSPICIOUS_CLASS} ≥ {threshold:.0%}; highest "
+            f"{peak.probabilities.get(SUSPICIOUS_CLASS, 0.0):.0%} at {peak.time_s:.1f} s",
+        ]
+    lines += [
         f"- {len(results)} frames analysed at {info.fps:.1f} FPS ({len(results) / info.fps:.1f} s of video)",
         "- mean probability: " + ", ".join(f"{name} {mean[name]:.0%}" for name in class_names),
         "- frames voting: " + ", ".join(f"{name} {votes.get(name, 0)}" for name in class_names),

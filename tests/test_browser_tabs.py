@@ -1,0 +1,111 @@
+"""What a person sees in Chromium, second round: a refused file keeps its reason on the page,
+replacing an image raises no "waiting for upload" toasts, the live preview is never mirrored,
+the start button says what it does, Stop clears the live panel, the video tab shows the first
+frame at once and ends on a summary that names the most suspicious segment.
+
+Run with ``pytest -m browser``; needs /usr/bin/chromium (scripts/install_browser.sh).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from app_helpers import launch
+
+from kdcore.config import REPO_ROOT
+from scripts.live_browser import CHROMIUM, chromium_args, clip_frames, write_y4m
+
+ASSETS = REPO_ROOT / "assets"
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="run scripts/install_browser.sh first"),
+]
+
+TOASTS_JS = "() => Array.from(document.querySelectorAll('.toast-body')).map(t => t.innerText)"
+VIDEO_TRANSFORM_JS = "() => getComputedStyle(document.querySelector('#live-stream video')).transform"
+
+
+@pytest.fixture(scope="module")
+def page(tiny_checkpoints, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    y4m = write_y4m(clip_frames(ASSETS / "phantom_sweep.mp4"), tmp_path_factory.mktemp("cam") / "cam.y4m")
+    demo = launch(tiny_checkpoints["student"].parent)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(demo.local_url)
+            yield page
+            browser.close()
+    finally:
+        demo.close()
+
+
+def _seen_toasts(page, seconds: float) -> list[str]:
+    seen: set[str] = set()
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        seen.update(page.evaluate(TOASTS_JS))
+        time.sleep(0.1)
+    return sorted(seen)
+
+
+def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
+    page.get_by_role("tab", name="Image").click()
+    drop = page.locator("#image-drop input[type=file]")
+    drop.set_input_files(str(ASSETS / "phantom_round_lesion.png"))
+    page.wait_for_function("() => /\\d+%/.test(document.querySelector('#image-student-summary').innerText)")
+    drop = page.locator("#image-drop input[type=file]")
+    if drop.count() == 0:  # an image is shown: clear it as a user would, then drop the next one
+        page.locator("#image-drop button[aria-label='Clear']").click()
+        drop = page.locator("#image-drop input[type=file]")
+    drop.set_input_files(str(ASSETS / "phantom_irregular_lesion.png"))
+    toasts = _seen_toasts(page, 4.0)
+    assert not [t for t in toasts if "Waiting for file" in t], toasts
+
+
+def test_a_refused_file_keeps_its_reason_on_the_page(page, tmp_path):
+    bad = tmp_path / "scan.png"
+    bad.write_bytes(b"not an image at all")
+    page.get_by_role("tab", name="Image").click()
+    page.locator("#image-file input[type=file]").set_input_files(str(bad))
+    marker = page.locator("#image-agreement")
+    marker.filter(has_text="Not analysed").wait_for(timeout=30_000)
+    time.sleep(12)  # longer than a toast lives
+    assert "Not analysed" in marker.inner_text() and "scan.png" in marker.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "image_refused_file.png"), full_page=True)
+
+
+def test_live_preview_is_never_mirrored_and_stop_clears_the_panel(page):
+    page.get_by_role("tab", name="Live").click()
+    page.get_by_text("Click to Access Webcam").click()
+    page.locator("#live-stream video").wait_for()
+    assert page.evaluate(VIDEO_TRANSFORM_JS) == "none"  # before start
+    start = page.get_by_role("button", name="start stream")
+    assert "Start live analysis" in start.inner_text()
+    start.click()
+    page.wait_for_function("() => /FPS/.test(document.querySelector('#live-stats').innerText)", timeout=60_000)
+    assert page.evaluate(VIDEO_TRANSFORM_JS) == "none"  # while streaming
+    stats = page.locator("#live-stats").inner_text()
+    assert "processing" in stats and "ms/frame" in stats
+    page.get_by_role("button", name="start stream").click()  # the same button stops
+    page.locator("#live-stats").filter(has_text="Stopped").wait_for(timeout=30_000)
+    assert page.evaluate(VIDEO_TRANSFORM_JS) == "none"  # after stop
+    assert "FPS" not in page.locator("#live-stats").inner_text()
+
+
+def test_video_tab_shows_the_first_frame_then_the_suspicious_segment_summary(page):
+    page.get_by_role("tab", name="Video").click()
+    page.locator("input[type=file]").locator("visible=true").last.set_input_files(str(ASSETS / "phantom_sweep.mp4"))
+    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Analyse clip").click()
+    page.locator("#video-summary").filter(has_text="Clip summary").wait_for(timeout=120_000)
+    assert "done" in page.locator("#video-status").inner_text()
+    page.locator("#video-teacher-overlay img").wait_for(timeout=30_000)
+    assert page.locator("#video-csv a").count() >= 1
+    page.screenshot(path=str(ARTIFACTS / "video_review.png"), full_page=True)
