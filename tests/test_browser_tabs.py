@@ -101,7 +101,7 @@ def test_live_preview_is_never_mirrored_and_stop_clears_the_panel(page):
 
 def test_video_tab_shows_the_first_frame_then_the_suspicious_segment_summary(page):
     page.get_by_role("tab", name="Video").click()
-    page.locator("input[type=file]").locator("visible=true").last.set_input_files(str(ASSETS / "phantom_sweep.mp4"))
+    page.locator("#video-file input[type=file]").set_input_files(str(ASSETS / "phantom_sweep.mp4"))
     page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
     page.get_by_role("button", name="Analyse clip").click()
     page.locator("#video-summary").filter(has_text="Clip summary").wait_for(timeout=120_000)

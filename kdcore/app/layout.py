@@ -112,6 +112,17 @@ def image_drop_box(**kwargs: Any) -> gr.Image:
     return box
 
 
+EXAMPLES_NOTE = "Examples: synthetic speckle phantoms drawn by our code (no patient images)"
+
+
+def example_caption(path: str) -> str:
+    """``phantom_round_lesion.png`` -> "synthetic phantom: round lesion"; other files keep their name."""
+    stem = Path(path).stem
+    if stem.startswith("phantom_"):
+        return "synthetic phantom: " + stem.removeprefix("phantom_").replace("_", " ")
+    return Path(path).name
+
+
 def example_files(settings: AppSettings, suffixes: tuple[str, ...]) -> list[str]:
     """Our generated assets plus the user's ``--examples-dir``, filtered by suffix."""
     folders = [ASSETS_DIR, *([settings.examples_dir] if settings.examples_dir else [])]
@@ -173,24 +184,31 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
                 elem_id="image-file",
             )
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
-            gr.Examples(example_files(settings, BROWSER_IMAGE_SUFFIXES), inputs=[pasted], label="Examples")
+            images = example_files(settings, BROWSER_IMAGE_SUFFIXES)
+            examples = gr.Examples(
+                images,
+                inputs=[pasted],
+                label=EXAMPLES_NOTE,
+                example_labels=[example_caption(path) for path in images],
+            )
         with gr.Column(scale=2):
             panel = comparison_panel("image")
-            result_json = gr.JSON(label="Result (JSON, as returned by /predict)")
+            with gr.Accordion("Result as JSON (what the /predict API returns)", open=False):
+                result_json = gr.JSON(show_label=False)
 
     api_outputs = [result_json, *panel.overlays, analysis_state]
+    page_update = partial(handlers.page_prediction, models)
+    page_outputs = [*api_outputs, *panel.text_outputs]
     for source, api_name in ((uploaded, "predict"), (pasted, "predict_image")):
-        source.change(
-            partial(handlers.page_prediction, models),
-            [source, opacity],
-            [*api_outputs, *panel.text_outputs],
-            api_name=f"{api_name}_page",
-            show_api=False,
-        )
+        # upload, not change: a change event fired while a new file is still uploading made
+        # Gradio toast "Waiting for file(s) to finish uploading" each time an image was replaced.
+        source.upload(page_update, [source, opacity], page_outputs, api_name=f"{api_name}_page", show_api=False)
+        source.clear(page_update, [source, opacity], page_outputs, show_api=False)
         # The API endpoint: the same analysis, refusals raised as errors for the client.
         gr.Button(visible=False).click(
             partial(handlers.predict, models), [source, opacity], api_outputs, api_name=api_name
         )
+    examples.load_input_event.then(page_update, [pasted, opacity], page_outputs, show_api=False)
     opacity.change(
         handlers.overlay_values, [analysis_state, opacity], panel.overlays, api_name="image_opacity", show_api=False
     )
@@ -249,10 +267,16 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
     review = gr.State(None, time_to_live=STATE_TTL_SECONDS)
     with gr.Row():
         with gr.Column(scale=1):
-            clip = gr.File(label="Cine loop (mp4, avi, mov, gif)", file_types=list(VIDEO_SUFFIXES), type="filepath")
+            clip = gr.File(
+                label="Cine loop (mp4, avi, mov, gif)",
+                file_types=list(VIDEO_SUFFIXES),
+                type="filepath",
+                elem_id="video-file",
+            )
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             run = gr.Button("Analyse clip", variant="primary")
-            gr.Examples(example_files(settings, VIDEO_SUFFIXES), inputs=[clip], label="Examples (synthetic phantoms)")
+            clips = example_files(settings, VIDEO_SUFFIXES)
+            gr.Examples(clips, inputs=[clip], label=EXAMPLES_NOTE, example_labels=[example_caption(c) for c in clips])
         with gr.Column(scale=2):
             frame = gr.Image(label="Student + Grad-CAM, at the clip's pace", interactive=False, format="jpeg")
             progress = gr.Markdown(elem_id="video-status")
