@@ -24,9 +24,10 @@ from scripts.live_browser import CHROMIUM, chromium_args, clip_frames, start_liv
 CLIP_FRAMES = REPO_ROOT.parent / "shared" / "data" / "breast_usv" / "BR001"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 MEASURE_SECONDS = 10.0
-# The issue's target is 30 FPS; the assertion floor is lower so a busy CI machine reports
-# rather than fails. Set KD_MIN_BROWSER_FPS=30 to enforce the target.
-MIN_FPS = float(os.environ.get("KD_MIN_BROWSER_FPS", "2"))
+# Below 10 frames a second the view no longer follows a moving probe: that fails the test.
+# The target is 30 FPS on an idle laptop (KD_MIN_BROWSER_FPS=30 enforces it); a 2-core CI
+# machine running the suite measured 15 FPS.
+MIN_FPS = float(os.environ.get("KD_MIN_BROWSER_FPS", "10"))
 
 pytestmark = [
     pytest.mark.browser,
@@ -53,7 +54,7 @@ FRAME_COLOUR_JS = """() => {
 }"""
 
 
-def test_live_stream_in_chromium(tiny_checkpoints, tmp_path):
+def test_live_stream_in_chromium(tiny_checkpoints, tmp_path, capsys):
     from playwright.sync_api import sync_playwright
 
     y4m = write_y4m(clip_frames(CLIP_FRAMES), tmp_path / "breast_usv_640x480.y4m")
@@ -98,7 +99,8 @@ def test_live_stream_in_chromium(tiny_checkpoints, tmp_path):
         "frame_colour": round(colour, 1),
     }
     (ARTIFACTS / "live_stream.json").write_text(json.dumps(report, indent=2))
-    print(f"\nlive stream in Chromium: {report}")
+    with capsys.disabled():  # shown in every run's output, not only on failure
+        print(f"\nlive stream in Chromium: {report['browser_fps']} FPS (floor {MIN_FPS:g}); {report}")
 
     assert end["frames"] > start["frames"], "the overlay stream stopped"
     assert shown_stats != first_stats and "FPS" in shown_stats, "the on-screen numbers did not update"

@@ -40,3 +40,30 @@ def test_readable_file_fills_the_panel(models, speckle_image, tmp_path):
     assert set(payload) == {"teacher", "student"} and teacher.shape == student.shape
     assert texts[0].startswith("**Teacher**") and ("agree" in texts[-1] or "Disagreement" in texts[-1])
     assert analysis.predictions["student"].label in payload["student"]["label"]
+
+
+def test_low_confidence_is_flagged_and_probabilities_are_called_calibrated():
+    from kdcore.app.service import prediction_markdown
+    from kdcore.inference import Prediction
+
+    unsure = Prediction("benign", {"benign": 0.44, "malignant": 0.36, "normal": 0.20}, 3.0)
+    sure = Prediction("benign", {"benign": 0.95, "malignant": 0.03, "normal": 0.02}, 3.0)
+    assert "low confidence" in prediction_markdown("student", unsure)
+    line = prediction_markdown("student", sure, total_ms=41.0)
+    assert "low confidence" not in line and "calibrated" in line
+    assert "forward pass 3.0 ms, with Grad-CAM 41 ms" in line
+
+
+def test_api_page_lists_only_what_users_call(tiny_checkpoints):
+    from app_helpers import launch
+
+    from kdcore.app.layout import PUBLIC_API
+
+    demo = launch(tiny_checkpoints["student"].parent)
+    try:
+        documented = set(demo.get_api_info()["named_endpoints"])
+        everything = set(demo.get_api_info(all_endpoints=True)["named_endpoints"])
+    finally:
+        demo.close()
+    assert documented == {f"/{name}" for name in PUBLIC_API}
+    assert any("set_input" in name for name in everything - documented)  # FastRTC's, still there

@@ -85,7 +85,7 @@ def summary_values(analysis: ImageAnalysis | None) -> list[Any]:
         return [""] * len(ROLES) + [None] * len(ROLES) + [""]
     predictions = [analysis.predictions.get(role) for role in ROLES]
     return [
-        *(prediction_markdown(role, p) for role, p in zip(ROLES, predictions)),
+        *(prediction_markdown(role, p, analysis.total_ms.get(role)) for role, p in zip(ROLES, predictions)),
         *(p.probabilities if p else None for p in predictions),
         analysis.agreement_markdown(),
     ]

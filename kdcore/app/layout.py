@@ -328,4 +328,16 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
             _video_tab(models, settings)
         with gr.Tab("About"):
             gr.Markdown(about_markdown(models))
+    document_public_api_only(demo)
     return bound_queue_bookkeeping(demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED_REQUESTS))
+
+
+PUBLIC_API = ("predict", "predict_image", "analyse_video", "video_frame", "ask_teacher")
+
+
+def document_public_api_only(demo: gr.Blocks) -> None:
+    """The API page lists what a user calls; FastRTC's internal events (``set_input_gradio*``,
+    ``handler``...) and the page's own updates stay callable but undocumented."""
+    for fn in demo.fns.values():
+        if fn.api_name not in PUBLIC_API:
+            fn.show_api = False

@@ -6,6 +6,7 @@ tested directly and reused by the image tab, the /predict API and "ask the teach
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ class ImageAnalysis:
     grey: np.ndarray
     predictions: dict[str, Prediction]
     heatmaps: dict[str, np.ndarray]
+    total_ms: dict[str, float] = field(default_factory=dict)  # prediction + Grad-CAM, per model
 
     def as_json(self) -> dict[str, dict[str, Any]]:
         """The /predict payload: ``{"teacher": {label, probabilities, latency_ms}, "student": {...}}``."""
@@ -122,11 +124,13 @@ def display_copy(grey: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarr
 def analyse_image(models: LoadedModels, grey: np.ndarray) -> ImageAnalysis:
     """Run every loaded model (with Grad-CAM) on one HxW uint8 image; the analysis keeps a
     display-sized copy of it for the overlays (it lives in the user's session)."""
-    predictions, heatmaps = {}, {}
+    predictions, heatmaps, total_ms = {}, {}, {}
     for role, cam in models.cams.items():
+        started = time.perf_counter()
         predictions[role], heatmap = cam.predict_with_cam(grey)
         heatmaps[role] = heatmap_bytes(heatmap)
-    return ImageAnalysis(display_copy(grey), predictions, heatmaps)
+        total_ms[role] = (time.perf_counter() - started) * 1000
+    return ImageAnalysis(display_copy(grey), predictions, heatmaps, total_ms)
 
 
 def heatmap_bytes(heatmap: np.ndarray) -> np.ndarray:
@@ -134,9 +138,17 @@ def heatmap_bytes(heatmap: np.ndarray) -> np.ndarray:
     return np.round(np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def prediction_markdown(role: str, prediction: Prediction | None) -> str:
-    """One line per model: class, confidence and measured latency."""
+LOW_CONFIDENCE = 0.6  # a top class below this is flagged: the model is unsure
+
+
+def prediction_markdown(role: str, prediction: Prediction | None, total_ms: float | None = None) -> str:
+    """One line per model: class, calibrated confidence (flagged when low) and latencies: the
+    forward pass, and the whole analysis with Grad-CAM and overlay when known."""
     if prediction is None:
         return f"**{role.capitalize()}**: not loaded"
     confidence = prediction.probabilities[prediction.label]
-    return f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}) · model {prediction.latency_ms:.1f} ms"
+    flag = f" · ⚠ **low confidence** (top class below {LOW_CONFIDENCE:.0%})" if confidence < LOW_CONFIDENCE else ""
+    timing = f"forward pass {prediction.latency_ms:.1f} ms"
+    if total_ms is not None:
+        timing += f", with Grad-CAM {total_ms:.0f} ms"
+    return f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}, calibrated){flag} · {timing}"
