@@ -35,6 +35,7 @@ class CamPredictor(Protocol):
 
     backend: str
     class_names: tuple[str, ...]
+    predictor: Predictor  # the plain model, for predictions without a heat-map
 
     def predict_with_cam(self, grey: np.ndarray) -> tuple[Prediction, np.ndarray]: ...
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import gradio as gr
 import numpy as np
 from fastrtc import AdditionalOutputs
 
+from kdcore.app import batch
+from kdcore.app.batch import BatchError, collect_batch
 from kdcore.app.live_session import LIVE_STOPPED_MARKDOWN, LiveSession, RegionOfInterest
 from kdcore.app.result_files import new_result_path
 from kdcore.app.service import ROLES, ImageAnalysis, LoadedModels, analyse_image, prediction_markdown
@@ -243,3 +246,26 @@ def video_frame_at(models: LoadedModels, review: ClipReview | None, seconds: flo
     result = FrameResult(index, index / review.info.fps, prediction.label, prediction.probabilities,
                          prediction.latency_ms)  # fmt: skip
     return overlay_heatmap(grey, heatmap, opacity), frame_status(result, review.info)
+
+
+def analyse_batch(
+    models: LoadedModels,
+    paths: list[str] | None,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio finds its progress bar by this default)
+) -> tuple:
+    """/batch: (sortable table, CSV of it, metrics Markdown, confusion-matrix PNG or None)."""
+    if not paths:
+        raise gr.Error("Drop images or a zip first.")
+    if not models.cams:
+        raise gr.Error("No model is loaded; see the message at the top of the page.")
+    out = new_result_path("batch", ".csv").parent
+    with tempfile.TemporaryDirectory(prefix="kd-batch-") as work_dir:
+        try:
+            items = collect_batch(list(paths), Path(work_dir))
+        except BatchError as exc:
+            raise user_error(exc) from None
+        result = batch.analyse_batch(models, items, out, lambda done, total: progress(done / total, f"{done}/{total}"))
+    csv_path = out / "batch_results.csv"
+    result.table.to_csv(csv_path, index=False)
+    confusion = str(result.confusion_png) if result.confusion_png else None
+    return result.table, str(csv_path), result.metrics_markdown, confusion

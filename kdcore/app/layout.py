@@ -20,6 +20,7 @@ from gradio.data_classes import ImageData
 
 from kdcore.app import handlers
 from kdcore.app.about import about_markdown
+from kdcore.app.batch import MAX_BATCH_FILES
 from kdcore.app.live_session import LiveSession
 from kdcore.app.patches.malloc_arenas import limit_malloc_arenas
 from kdcore.app.patches.queue_hygiene import bound_queue_bookkeeping
@@ -307,6 +308,28 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
     )
 
 
+def _batch_tab(models: LoadedModels) -> None:
+    gr.Markdown(
+        f"Drop many images or a **zip** (up to {MAX_BATCH_FILES} images). When the zip has `benign/`, "
+        "`malignant/` and `normal/` folders, the metrics below are those of `train.py evaluate`."
+    )
+    with gr.Row():
+        files = gr.File(
+            label="Images or a zip", file_count="multiple", file_types=[*IMAGE_SUFFIXES, ".zip"], type="filepath",
+            elem_id="batch-files",
+        )  # fmt: skip
+        with gr.Column():
+            run = gr.Button("Analyse all", variant="primary")
+            table_csv = gr.File(label="Results (CSV)", interactive=False, elem_id="batch-csv")
+    table = gr.Dataframe(label="One row per file (click a column to sort)", interactive=False, elem_id="batch-table")
+    with gr.Row():
+        metrics = gr.Markdown(elem_id="batch-metrics")
+        confusion = gr.Image(label="Confusion matrix", type="filepath", interactive=False, elem_id="batch-confusion")
+    run.click(
+        partial(handlers.analyse_batch, models), [files], [table, table_csv, metrics, confusion], api_name="batch"
+    )
+
+
 def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
     """The whole app; starts even when checkpoints are missing, and says so at the top."""
     limit_malloc_arenas()  # before the server's threads start
@@ -326,13 +349,15 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
             _live_tab(models)
         with gr.Tab("Video"):
             _video_tab(models, settings)
+        with gr.Tab("Batch"):
+            _batch_tab(models)
         with gr.Tab("About"):
             gr.Markdown(about_markdown(models))
     document_public_api_only(demo)
     return bound_queue_bookkeeping(demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED_REQUESTS))
 
 
-PUBLIC_API = ("predict", "predict_image", "analyse_video", "video_frame", "ask_teacher")
+PUBLIC_API = ("predict", "predict_image", "analyse_video", "video_frame", "ask_teacher", "batch")
 
 
 def document_public_api_only(demo: gr.Blocks) -> None:
