@@ -55,7 +55,7 @@ class CheckpointMeta:
     @property
     def architecture(self) -> str:
         """Short human name, e.g. ``feature_transformer + tf_efficientnet_lite0``."""
-        branches = (self.model.global_branch, self.model.cnn_name)
+        branches = (self.model.global_branch, self.model.cnn_name, *self.model.ensemble_members)
         return " + ".join(b for b in branches if b and b != "none")
 
     def to_json(self) -> dict[str, Any]:

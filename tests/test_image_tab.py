@@ -67,3 +67,27 @@ def test_api_page_lists_only_what_users_call(tiny_checkpoints):
         demo.close()
     assert documented == {f"/{name}" for name in PUBLIC_API}
     assert any("set_input" in name for name in everything - documented)  # FastRTC's, still there
+
+
+@pytest.mark.parametrize("report_format", ["pdf", "png"])
+def test_case_report_holds_the_analysis(models, speckle_image, tmp_path, report_format):
+    import cv2
+
+    from kdcore.app.service import analyse_image
+
+    path = tmp_path / "case 7.png"
+    cv2.imwrite(str(path), speckle_image)
+    report = handlers.case_report_for_file(models, str(path), 0.4, report_format)
+    data = open(report, "rb").read()
+    assert data.startswith(b"%PDF" if report_format == "pdf" else b"\x89PNG") and len(data) > 20_000
+    assert report.endswith(f"case_report_case_7.{report_format}")
+    student = models.metas["student"]
+    assert student.weights_sha256[:16].encode() in data  # the record is in the file's metadata
+    assert b"Decision rule" in data and b"not a diagnostic device" in data
+    analysis = analyse_image(models, speckle_image)
+    on_screen = handlers.case_report(models, analysis, 0.4, report_format)
+    assert open(on_screen, "rb").read()[:4] == data[:4]
+    with pytest.raises(gr.Error, match="Analyse an image first"):
+        handlers.case_report(models, None, 0.4, report_format)
+    with pytest.raises(gr.Error, match="report format"):
+        handlers.case_report_for_file(models, str(path), 0.4, "docx")

@@ -24,6 +24,7 @@ from fastrtc import AdditionalOutputs
 from kdcore.app import batch
 from kdcore.app.batch import BatchError, collect_batch
 from kdcore.app.live_session import LIVE_STOPPED_MARKDOWN, LiveSession, RegionOfInterest
+from kdcore.app.report import REPORT_FORMATS, write_case_report
 from kdcore.app.result_files import new_result_path
 from kdcore.app.service import ROLES, ImageAnalysis, LoadedModels, analyse_image, prediction_markdown
 from kdcore.app.video import (
@@ -269,3 +270,25 @@ def analyse_batch(
     result.table.to_csv(csv_path, index=False)
     confusion = str(result.confusion_png) if result.confusion_png else None
     return result.table, str(csv_path), result.metrics_markdown, confusion
+
+
+def case_report(models: LoadedModels, analysis: ImageAnalysis | None, opacity: float, report_format: str) -> str:
+    """The Image tab's "save case report": the analysis on screen as a PDF or PNG file."""
+    if analysis is None:
+        raise gr.Error("Analyse an image first.")
+    out = new_result_path("case_report", f".{report_format}")
+    return str(write_case_report(models, analysis, opacity, out))
+
+
+@user_errors
+def case_report_for_file(models: LoadedModels, path: str | None, opacity: float, report_format: str) -> str:
+    """/report: analyse an image file and return its case report (PDF or PNG)."""
+    if not path:
+        raise gr.Error("Send an image file.")
+    if report_format not in REPORT_FORMATS:
+        raise gr.Error(f"report format must be one of {', '.join(REPORT_FORMATS)}.")
+    if not models.cams:
+        raise gr.Error("No model is loaded; see the message at the top of the page.")
+    analysis = analyse_image(models, read_grey_image(path))
+    out = new_result_path(f"case_report_{Path(path).stem}", f".{report_format}")
+    return str(write_case_report(models, analysis, opacity, out, Path(path).name))

@@ -25,7 +25,8 @@ from kdcore.app.live_session import LiveSession
 from kdcore.app.patches.malloc_arenas import limit_malloc_arenas
 from kdcore.app.patches.queue_hygiene import bound_queue_bookkeeping
 from kdcore.app.patches.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise_server_video_bitrate
-from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, ROLES, LoadedModels, load_models
+from kdcore.app.report import REPORT_FORMATS
+from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, DISCLAIMER, ROLES, LoadedModels, load_models
 from kdcore.app.video import MAX_CLIP_SECONDS, MAX_VIDEO_BYTES, TIMELINE_X, TIMELINE_Y, VIDEO_SUFFIXES
 from kdcore.config import REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES
@@ -35,9 +36,6 @@ logger = logging.getLogger(__name__)
 ASSETS_DIR = REPO_ROOT / "assets"
 MAX_UPLOAD = f"{MAX_VIDEO_BYTES // 2**20}mb"  # the largest thing anyone uploads is a clip
 BROWSER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
-DISCLAIMER = (
-    "**Research demo, not a diagnostic device.** Predictions and heat-maps must not be used for clinical decisions."
-)
 DEFAULT_OPACITY = 0.4
 ROI_SIDES = ("left", "top", "right", "bottom")
 # Uploads and overlays may be patient images: every 10 minutes delete those older than
@@ -194,6 +192,10 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
             )
         with gr.Column(scale=2):
             panel = comparison_panel("image")
+            with gr.Row():
+                report_format = gr.Radio(list(REPORT_FORMATS), value="pdf", label="Case report format")
+                save_report = gr.Button("Save case report")
+                report_file = gr.File(label="Case report", interactive=False, elem_id="image-report")
             with gr.Accordion("Result as JSON (what the /predict API returns)", open=False):
                 result_json = gr.JSON(show_label=False)
 
@@ -210,6 +212,13 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
             partial(handlers.predict, models), [source, opacity], api_outputs, api_name=api_name
         )
     examples.load_input_event.then(page_update, [pasted, opacity], page_outputs, show_api=False)
+    save_report.click(
+        partial(handlers.case_report, models), [analysis_state, opacity, report_format], [report_file], show_api=False
+    )
+    gr.Button(visible=False).click(
+        partial(handlers.case_report_for_file, models), [uploaded, opacity, report_format], [report_file],
+        api_name="report",
+    )  # fmt: skip
     opacity.change(
         handlers.overlay_values, [analysis_state, opacity], panel.overlays, api_name="image_opacity", show_api=False
     )
@@ -357,7 +366,7 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
     return bound_queue_bookkeeping(demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUED_REQUESTS))
 
 
-PUBLIC_API = ("predict", "predict_image", "analyse_video", "video_frame", "ask_teacher", "batch")
+PUBLIC_API = ("predict", "predict_image", "analyse_video", "video_frame", "ask_teacher", "batch", "report")
 
 
 def document_public_api_only(demo: gr.Blocks) -> None:

@@ -21,6 +21,9 @@ from kdcore.inference import Prediction, load_predictor
 from kdcore.overlay import overlay_heatmap
 
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
+DISCLAIMER = (
+    "**Research demo, not a diagnostic device.** Predictions and heat-maps must not be used for clinical decisions."
+)
 ROLES = ("teacher", "student")
 DISPLAY_MAX_SIDE = 1024  # the analysed image kept for overlays is at most this large (per session)
 HOW_TO_GET_CHECKPOINTS = (
