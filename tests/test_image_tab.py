@@ -91,3 +91,21 @@ def test_case_report_holds_the_analysis(models, speckle_image, tmp_path, report_
         handlers.case_report(models, None, 0.4, report_format)
     with pytest.raises(gr.Error, match="report format"):
         handlers.case_report_for_file(models, str(path), 0.4, "docx")
+
+
+def test_panels_say_which_class_they_explain_and_show_the_colour_scale(models, speckle_image):
+    import re
+
+    import cv2
+    import numpy as np
+
+    from kdcore.app.service import analyse_image
+    from kdcore.overlay import colour_scale_html
+
+    analysis = analyse_image(models, speckle_image)
+    teacher_line, student_line = handlers.summary_values(analysis)[:2]
+    for line, role in ((teacher_line, "teacher"), (student_line, "student")):
+        assert f"Grad-CAM: evidence for **{analysis.predictions[role].label}** (predicted)" in line
+    stops = [tuple(map(int, m)) for m in re.findall(r"rgb\((\d+),(\d+),(\d+)\)", colour_scale_html())]
+    jet = cv2.applyColorMap(np.array([[0], [255]], np.uint8), cv2.COLORMAP_JET)[:, 0, ::-1]
+    assert stops[0] == tuple(jet[0]) and stops[-1] == tuple(jet[1])  # the overlay's own colour map

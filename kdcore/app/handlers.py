@@ -40,6 +40,7 @@ from kdcore.app.video import (
     timeline_table,
 )
 from kdcore.imaging import ImageReadError, read_grey_image
+from kdcore.inference import Prediction
 from kdcore.overlay import overlay_heatmap
 
 USER_ERRORS = (ImageReadError, VideoReadError)
@@ -83,13 +84,19 @@ def overlay_values(analysis: ImageAnalysis | None, opacity: float) -> list[np.nd
     return [analysis.overlay(role, opacity) if analysis else None for role in ROLES]
 
 
+def explained_markdown(role: str, prediction: Prediction | None, total_ms: float | None) -> str:
+    """A model's line, and which class its Grad-CAM panel explains."""
+    line = prediction_markdown(role, prediction, total_ms)
+    return line if prediction is None else f"{line}\n\nGrad-CAM: evidence for **{prediction.label}** (predicted)"
+
+
 def summary_values(analysis: ImageAnalysis | None) -> list[Any]:
     """Summary lines, probability labels and the agreement marker of a comparison panel."""
     if analysis is None:
         return [""] * len(ROLES) + [None] * len(ROLES) + [""]
     predictions = [analysis.predictions.get(role) for role in ROLES]
     return [
-        *(prediction_markdown(role, p, analysis.total_ms.get(role)) for role, p in zip(ROLES, predictions)),
+        *(explained_markdown(role, p, analysis.total_ms.get(role)) for role, p in zip(ROLES, predictions)),
         *(p.probabilities if p else None for p in predictions),
         analysis.agreement_markdown(),
     ]

@@ -30,6 +30,7 @@ from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, DISCLAIMER, ROLES, Loaded
 from kdcore.app.video import MAX_CLIP_SECONDS, MAX_VIDEO_BYTES, TIMELINE_X, TIMELINE_Y, VIDEO_SUFFIXES
 from kdcore.config import REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES
+from kdcore.overlay import colour_scale_html
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def comparison_panel(prefix: str) -> ComparisonPanel:
                     )
                 )
                 labels.append(gr.Label(label=f"{role.capitalize()} probabilities", num_top_classes=3))
+    gr.HTML(colour_scale_html(), elem_id=f"{prefix}-cam-scale")
     agreement = gr.Markdown(elem_id=f"{prefix}-agreement")
     return ComparisonPanel(summaries, labels, overlays, agreement)
 
