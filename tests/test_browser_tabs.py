@@ -69,6 +69,15 @@ def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     assert not [t for t in toasts if "Waiting for file" in t], toasts
 
 
+def test_the_class_to_explain_can_be_picked(page):
+    page.get_by_role("tab", name="Image").click()
+    page.locator("#image-explain").get_by_text("malignant").click()
+    page.locator("#image-teacher-summary").filter(has_text="evidence for malignant (chosen)").wait_for(timeout=60_000)
+    assert "evidence for malignant (chosen)" in page.locator("#image-student-summary").inner_text()
+    page.locator("#image-explain").get_by_text("predicted class").click()
+    page.locator("#image-student-summary").filter(has_text="(predicted)").wait_for(timeout=60_000)
+
+
 def test_a_refused_file_keeps_its_reason_on_the_page(page, tmp_path):
     bad = tmp_path / "scan.png"
     bad.write_bytes(b"not an image at all")
@@ -96,6 +105,8 @@ def test_live_preview_is_never_mirrored_and_stop_clears_the_panel(page):
     page.get_by_role("button", name="start stream").click()  # the same button stops
     page.locator("#live-stats").filter(has_text="Stopped").wait_for(timeout=30_000)
     assert page.evaluate(VIDEO_TRANSFORM_JS) == "none"  # after stop
+    time.sleep(2)  # no late frame update overwrites the stopped panel
+    assert "Stopped" in page.locator("#live-stats").inner_text()
     assert "FPS" not in page.locator("#live-stats").inner_text()
 
 

@@ -109,3 +109,23 @@ def test_panels_say_which_class_they_explain_and_show_the_colour_scale(models, s
     stops = [tuple(map(int, m)) for m in re.findall(r"rgb\((\d+),(\d+),(\d+)\)", colour_scale_html())]
     jet = cv2.applyColorMap(np.array([[0], [255]], np.uint8), cv2.COLORMAP_JET)[:, 0, ::-1]
     assert stops[0] == tuple(jet[0]) and stops[-1] == tuple(jet[1])  # the overlay's own colour map
+
+
+def test_grad_cam_can_explain_any_class_for_both_models(models, speckle_image):
+    import numpy as np
+
+    from kdcore.app.service import analyse_image, heatmap_bytes
+    from kdcore.cam import grad_cam
+
+    analysis = analyse_image(models, speckle_image)
+    overlays_state_texts = handlers.explain(models, analysis, "malignant", 0.4)
+    chosen = overlays_state_texts[2]
+    assert chosen.explained == "malignant" and chosen.predictions == analysis.predictions
+    for role, predictor in models.predictors.items():
+        _, reference = grad_cam(predictor, analysis.model_inputs[role], predictor.class_names.index("malignant"))
+        np.testing.assert_array_equal(chosen.heatmaps[role], heatmap_bytes(reference))
+    assert "Grad-CAM: evidence for **malignant** (chosen)" in overlays_state_texts[3]
+    back = handlers.explain(models, chosen, handlers.EXPLAIN_PREDICTED, 0.4)[2]
+    for role in models.cams:  # the predicted class again: the original heat-maps, within rounding
+        assert np.abs(back.heatmaps[role].astype(int) - analysis.heatmaps[role].astype(int)).max() <= 1
+    assert handlers.explain(models, None, "benign", 0.4)[:3] == [None, None, None]

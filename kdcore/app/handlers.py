@@ -26,7 +26,7 @@ from kdcore.app.batch import BatchError, collect_batch
 from kdcore.app.live_session import LIVE_STOPPED_MARKDOWN, LiveSession, RegionOfInterest
 from kdcore.app.report import REPORT_FORMATS, write_case_report
 from kdcore.app.result_files import new_result_path
-from kdcore.app.service import ROLES, ImageAnalysis, LoadedModels, analyse_image, prediction_markdown
+from kdcore.app.service import ROLES, ImageAnalysis, LoadedModels, analyse_image, explain_class, prediction_markdown
 from kdcore.app.video import (
     ClipInfo,
     FrameResult,
@@ -40,7 +40,6 @@ from kdcore.app.video import (
     timeline_table,
 )
 from kdcore.imaging import ImageReadError, read_grey_image
-from kdcore.inference import Prediction
 from kdcore.overlay import overlay_heatmap
 
 USER_ERRORS = (ImageReadError, VideoReadError)
@@ -84,10 +83,14 @@ def overlay_values(analysis: ImageAnalysis | None, opacity: float) -> list[np.nd
     return [analysis.overlay(role, opacity) if analysis else None for role in ROLES]
 
 
-def explained_markdown(role: str, prediction: Prediction | None, total_ms: float | None) -> str:
+def explained_markdown(role: str, analysis: ImageAnalysis) -> str:
     """A model's line, and which class its Grad-CAM panel explains."""
-    line = prediction_markdown(role, prediction, total_ms)
-    return line if prediction is None else f"{line}\n\nGrad-CAM: evidence for **{prediction.label}** (predicted)"
+    prediction = analysis.predictions.get(role)
+    line = prediction_markdown(role, prediction, analysis.total_ms.get(role))
+    if prediction is None:
+        return line
+    how = "chosen" if analysis.explained else "predicted"
+    return f"{line}\n\nGrad-CAM: evidence for **{analysis.explained_class(role)}** ({how})"
 
 
 def summary_values(analysis: ImageAnalysis | None) -> list[Any]:
@@ -96,7 +99,7 @@ def summary_values(analysis: ImageAnalysis | None) -> list[Any]:
         return [""] * len(ROLES) + [None] * len(ROLES) + [""]
     predictions = [analysis.predictions.get(role) for role in ROLES]
     return [
-        *(explained_markdown(role, p, analysis.total_ms.get(role)) for role, p in zip(ROLES, predictions)),
+        *(explained_markdown(role, analysis) for role in ROLES),
         *(p.probabilities if p else None for p in predictions),
         analysis.agreement_markdown(),
     ]
@@ -113,15 +116,30 @@ def predict(models: LoadedModels, path: str | None, opacity: float) -> tuple:
     return analysis.as_json(), *overlay_values(analysis, opacity), analysis
 
 
-def page_prediction(models: LoadedModels, path: str | None, opacity: float) -> list[Any]:
+EXPLAIN_PREDICTED = "predicted class"
+
+
+def explain(models: LoadedModels, analysis: ImageAnalysis | None, choice: str, opacity: float) -> list[Any]:
+    """The Image tab's "Grad-CAM explains" choice: overlays, state and panel text for it."""
+    if analysis is None:
+        return [None, None, None, *summary_values(None)]
+    analysis = explain_class(models, analysis, None if choice == EXPLAIN_PREDICTED else choice)
+    return [*overlay_values(analysis, opacity), analysis, *summary_values(analysis)]
+
+
+def page_prediction(
+    models: LoadedModels, path: str | None, opacity: float, choice: str = EXPLAIN_PREDICTED
+) -> list[Any]:
     """The Image tab's update: JSON, overlays, analysis state and the panel's text. A file that
     cannot be analysed leaves its reason in the panel, where the result would have been (a
     toast alone vanishes); the API (``predict``) raises instead."""
     try:
-        payload, *overlays, analysis = predict(models, path, opacity)
+        payload, *_, analysis = predict(models, path, opacity)
     except gr.Error as exc:
         return [{"error": exc.message}, None, None, None, *error_summary(exc.message)]
-    return [payload, *overlays, analysis, *summary_values(analysis)]
+    if analysis is None:
+        return [None, None, None, None, *summary_values(None)]
+    return [payload, *explain(models, analysis, choice, opacity)]
 
 
 def error_summary(message: str) -> list[Any]:
@@ -153,8 +171,13 @@ def live_panel(probabilities: dict[str, float], stats: str) -> tuple[dict[str, f
     return probabilities, stats
 
 
+STOP_SETTLE_S = 1.5  # panel updates of frames still in flight at Stop arrive within this
+
+
 def live_stopped() -> tuple[None, str]:
-    """After Stop, the side panel no longer shows the last label and frame rate as if live."""
+    """After Stop, the side panel no longer shows the last label and frame rate as if live.
+    It answers after the updates of frames still in flight, so none of them overwrites it."""
+    time.sleep(STOP_SETTLE_S)
     return None, LIVE_STOPPED_MARKDOWN
 
 

@@ -28,7 +28,7 @@ from kdcore.app.patches.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTR
 from kdcore.app.report import REPORT_FORMATS
 from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, DISCLAIMER, ROLES, LoadedModels, load_models
 from kdcore.app.video import MAX_CLIP_SECONDS, MAX_VIDEO_BYTES, TIMELINE_X, TIMELINE_Y, VIDEO_SUFFIXES
-from kdcore.config import REPO_ROOT
+from kdcore.config import CLASS_NAMES, REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES
 from kdcore.overlay import colour_scale_html
 
@@ -185,6 +185,10 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
                 elem_id="image-file",
             )
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
+            explained = gr.Radio(
+                [handlers.EXPLAIN_PREDICTED, *CLASS_NAMES], value=handlers.EXPLAIN_PREDICTED,
+                label="Grad-CAM explains (both models)", elem_id="image-explain",
+            )  # fmt: skip
             images = example_files(settings, BROWSER_IMAGE_SUFFIXES)
             examples = gr.Examples(
                 images,
@@ -207,13 +211,19 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
     for source, api_name in ((uploaded, "predict"), (pasted, "predict_image")):
         # upload, not change: a change event fired while a new file is still uploading made
         # Gradio toast "Waiting for file(s) to finish uploading" each time an image was replaced.
-        source.upload(page_update, [source, opacity], page_outputs, api_name=f"{api_name}_page", show_api=False)
-        source.clear(page_update, [source, opacity], page_outputs, show_api=False)
+        source.upload(
+            page_update, [source, opacity, explained], page_outputs, api_name=f"{api_name}_page", show_api=False
+        )
+        source.clear(page_update, [source, opacity, explained], page_outputs, show_api=False)
         # The API endpoint: the same analysis, refusals raised as errors for the client.
         gr.Button(visible=False).click(
             partial(handlers.predict, models), [source, opacity], api_outputs, api_name=api_name
         )
-    examples.load_input_event.then(page_update, [pasted, opacity], page_outputs, show_api=False)
+    examples.load_input_event.then(page_update, [pasted, opacity, explained], page_outputs, show_api=False)
+    explained.change(
+        partial(handlers.explain, models), [analysis_state, explained, opacity],
+        [*panel.overlays, analysis_state, *panel.text_outputs], show_api=False,
+    )  # fmt: skip
     save_report.click(
         partial(handlers.case_report, models), [analysis_state, opacity, report_format], [report_file], show_api=False
     )

@@ -49,7 +49,7 @@ def write_case_report(
     if out.suffix.lstrip(".") not in REPORT_FORMATS:
         raise ValueError(f"report format must be one of {REPORT_FORMATS}, got {out.suffix!r}")
     panels = [("Image", analysis.grey, "gray")]
-    panels += [(f"{role.capitalize()} Grad-CAM ({analysis.predictions[role].label})", analysis.overlay(role, opacity),
+    panels += [(f"{role.capitalize()} Grad-CAM ({analysis.explained_class(role)})", analysis.overlay(role, opacity),
                 None) for role in ROLES if role in analysis.predictions]  # fmt: skip
     fig = plt.figure(figsize=(11.69, 8.27))  # A4 landscape
     fig.suptitle(f"Breast ultrasound KD demo: case report for {source_name}", fontsize=14, x=0.02, ha="left")

@@ -7,17 +7,18 @@ tested directly and reused by the image tab, the /predict API and "ask the teach
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from kdcore.cam import grad_cam
 from kdcore.cam_predictor import CamPredictor, cam_predictor_for
 from kdcore.checkpoint import CheckpointError, CheckpointMeta, checkpoint_paths
 from kdcore.config import REPO_ROOT
-from kdcore.inference import Prediction, load_predictor
+from kdcore.inference import Prediction, Predictor, load_predictor
 from kdcore.overlay import overlay_heatmap
 
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
@@ -39,6 +40,7 @@ class LoadedModels:
     record, and a user-facing note for each one it could not load."""
 
     cams: dict[str, CamPredictor] = field(default_factory=dict)
+    predictors: dict[str, Predictor] = field(default_factory=dict)  # the PyTorch models (any-class Grad-CAM)
     metas: dict[str, CheckpointMeta] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     model_card: str = ""
@@ -69,6 +71,7 @@ def _load_role(folder: Path, role: str, models: LoadedModels) -> None:
         # Messages name files; strip the folder so no server path reaches the browser.
         models.problems.append(f"{role}: checkpoint is broken: {str(exc).replace(str(folder), '').lstrip('/')}")
         return
+    models.predictors[role] = predictor
     models.metas[role] = predictor.meta
 
 
@@ -95,6 +98,11 @@ class ImageAnalysis:
     predictions: dict[str, Prediction]
     heatmaps: dict[str, np.ndarray]
     total_ms: dict[str, float] = field(default_factory=dict)  # prediction + Grad-CAM, per model
+    model_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # each model's resized input (small)
+    explained: str | None = None  # the class the heat-maps explain; None: each model's predicted class
+
+    def explained_class(self, role: str) -> str:
+        return self.explained or self.predictions[role].label
 
     def as_json(self) -> dict[str, dict[str, Any]]:
         """The /predict payload: ``{"teacher": {label, probabilities, latency_ms}, "student": {...}}``."""
@@ -127,13 +135,32 @@ def display_copy(grey: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarr
 def analyse_image(models: LoadedModels, grey: np.ndarray) -> ImageAnalysis:
     """Run every loaded model (with Grad-CAM) on one HxW uint8 image; the analysis keeps a
     display-sized copy of it for the overlays (it lives in the user's session)."""
-    predictions, heatmaps, total_ms = {}, {}, {}
+    predictions, heatmaps, total_ms, inputs = {}, {}, {}, {}
     for role, cam in models.cams.items():
         started = time.perf_counter()
         predictions[role], heatmap = cam.predict_with_cam(grey)
         heatmaps[role] = heatmap_bytes(heatmap)
         total_ms[role] = (time.perf_counter() - started) * 1000
-    return ImageAnalysis(display_copy(grey), predictions, heatmaps, total_ms)
+        inputs[role] = cam.predictor.preprocess.resize(grey)[0].numpy()
+    return ImageAnalysis(display_copy(grey), predictions, heatmaps, total_ms, inputs)
+
+
+def explain_class(models: LoadedModels, analysis: ImageAnalysis, class_name: str | None) -> ImageAnalysis:
+    """The same analysis with heat-maps for ``class_name`` (None: each model's predicted class).
+    A chosen class goes through the reference Grad-CAM (pytorch-grad-cam) of each model, on the
+    very input the model saw; the predictions do not change."""
+    if class_name == analysis.explained:
+        return analysis
+    heatmaps = {}
+    for role, cam in models.cams.items():
+        model_input = analysis.model_inputs[role]
+        if class_name is None:
+            _, heatmap = cam.predict_with_cam(model_input)
+        else:
+            predictor = models.predictors[role]
+            _, heatmap = grad_cam(predictor, model_input, predictor.class_names.index(class_name))
+        heatmaps[role] = heatmap_bytes(heatmap)
+    return replace(analysis, heatmaps=heatmaps, explained=class_name)
 
 
 def heatmap_bytes(heatmap: np.ndarray) -> np.ndarray:
