@@ -20,7 +20,7 @@ import pandas as pd
 
 from kdcore.app.service import LOW_CONFIDENCE, ROLES, LoadedModels
 from kdcore.config import CLASS_NAMES
-from kdcore.imaging import IMAGE_SUFFIXES, ImageReadError, read_grey_image
+from kdcore.imaging import IMAGE_SUFFIXES, ImageReadError, file_colour_share, not_bmode_warning, read_grey_image
 from kdcore.metrics import evaluate_predictions, markdown_table, plot_confusion_matrix
 
 MAX_BATCH_FILES = 500
@@ -109,6 +109,8 @@ def analyse_item(models: LoadedModels, item: BatchItem) -> tuple[dict[str, Any],
         row[f"{role} p(malignant)"] = round(prediction.probabilities["malignant"], 3)
         if prediction.probabilities[prediction.label] < LOW_CONFIDENCE:
             flags.append(f"{role} unsure")
+    if not_bmode_warning(file_colour_share(item.path)):
+        flags.append("in colour: not B-mode?")
     if len(labels) == 2:
         row["agree"] = "yes" if labels["teacher"] == labels["student"] else "NO"
         if row["agree"] == "NO":

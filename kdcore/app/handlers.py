@@ -13,7 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from kdcore.app.video import (
     read_frame,
     timeline_table,
 )
-from kdcore.imaging import ImageReadError, read_grey_image
+from kdcore.imaging import ImageReadError, file_colour_share, not_bmode_warning, read_grey_image
 from kdcore.overlay import overlay_heatmap
 
 USER_ERRORS = (ImageReadError, VideoReadError)
@@ -101,7 +101,7 @@ def summary_values(analysis: ImageAnalysis | None) -> list[Any]:
     return [
         *(explained_markdown(role, analysis) for role in ROLES),
         *(p.probabilities if p else None for p in predictions),
-        analysis.agreement_markdown(),
+        "\n\n".join(filter(None, [analysis.agreement_markdown(), analysis.input_warning])),
     ]
 
 
@@ -113,6 +113,7 @@ def predict(models: LoadedModels, path: str | None, opacity: float) -> tuple:
     if not models.cams:
         raise gr.Error("No model is loaded; see the message at the top of the page.")
     analysis = analyse_image(models, read_grey_image(path))
+    analysis = replace(analysis, input_warning=not_bmode_warning(file_colour_share(path)))
     return analysis.as_json(), *overlay_values(analysis, opacity), analysis
 
 
@@ -209,8 +210,8 @@ def clip_preview(path: str | None) -> tuple[np.ndarray | None, str]:
         return None, ""
     info = probe_clip(path)
     grey = read_frame(path, info, 0)
-    note = f" {info.cap_message}" if info.capped else ""
-    return grey, f"{info.name}: {info.frames_to_analyse} frames at {info.fps:.1f} FPS. Press **Analyse clip**.{note}"
+    notes = " ".join(filter(None, [info.cap_message, not_bmode_warning(info.colour_share)]))
+    return grey, f"{info.name}: {info.frames_to_analyse} frames at {info.fps:.1f} FPS. Press **Analyse clip**. {notes}"
 
 
 def frame_status(result: FrameResult, info: ClipInfo) -> str:

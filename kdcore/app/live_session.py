@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from kdcore.cam_predictor import CamPredictor
-from kdcore.imaging import grey_from_bgr
+from kdcore.imaging import colour_share, grey_from_bgr, not_bmode_warning
 from kdcore.overlay import overlay_heatmap
 
 STATUS_BAR_HEIGHT = 28
@@ -91,11 +91,13 @@ class LiveFrame:
     probabilities: dict[str, float]
     latency_ms: float
     fps: float
+    colour_share: float = 0.0  # of the frame: B-mode ultrasound is grey
 
     def status_text(self) -> str:
+        flag = " | NOT B-MODE?" if not_bmode_warning(self.colour_share) else ""
         return (
             f"student: {self.label} {self.probabilities[self.label]:.0%} | "
-            f"{LATENCY_NAME} {self.latency_ms:.1f} ms/frame | {self.fps:.1f} FPS"
+            f"{LATENCY_NAME} {self.latency_ms:.1f} ms/frame | {self.fps:.1f} FPS{flag}"
         )
 
     def status_markdown(self) -> str:
@@ -104,7 +106,7 @@ class LiveFrame:
             f"{LATENCY_NAME} **{self.latency_ms:.1f} ms/frame** · **{self.fps:.1f} FPS**\n\n"
             f"{LATENCY_NAME}: grey conversion + student + Grad-CAM + overlay, running mean; "
             "FPS: frames shown per second"
-        )
+        ) + (f"\n\n{warning}" if (warning := not_bmode_warning(self.colour_share)) else "")
 
 
 LIVE_STOPPED_MARKDOWN = "Stopped: no live analysis. Press the camera button to start again."
@@ -146,7 +148,8 @@ class LiveSession:
             cv2.rectangle(annotated, (x0, y0), (x1 - 1, y1 - 1), ROI_COLOUR_BGR, 1)
         latency_ms = (time.perf_counter() - started) * 1000
         mean_latency = float(self.latency.update(np.array(latency_ms), LATENCY_SMOOTHING))
-        result = LiveFrame(annotated, label, probabilities, mean_latency, self.meter.tick(time.perf_counter()))
+        fps = self.meter.tick(time.perf_counter())
+        result = LiveFrame(annotated, label, probabilities, mean_latency, fps, colour_share(frame_bgr, step=8))
         return replace(result, frame_bgr=with_status_bar(annotated, result.status_text()))
 
     def panel_due(self, now: float) -> bool:

@@ -100,6 +100,7 @@ class ImageAnalysis:
     total_ms: dict[str, float] = field(default_factory=dict)  # prediction + Grad-CAM, per model
     model_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # each model's resized input (small)
     explained: str | None = None  # the class the heat-maps explain; None: each model's predicted class
+    input_warning: str = ""  # e.g. the picture is in colour: not a B-mode scan
 
     def explained_class(self, role: str) -> str:
         return self.explained or self.predictions[role].label

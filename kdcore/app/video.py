@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from kdcore.cam_predictor import CamPredictor
-from kdcore.imaging import ImageReadError, grey_from_bgr
+from kdcore.imaging import ImageReadError, colour_share, grey_from_bgr, not_bmode_warning
 from kdcore.overlay import overlay_heatmap
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".gif", ".webm", ".mkv")
@@ -32,6 +32,7 @@ class ClipInfo:
     fps: float
     total_frames: int
     frames_to_analyse: int
+    colour_share: float = 0.0  # of the first frame: B-mode ultrasound is grey
 
     @property
     def capped(self) -> bool:
@@ -67,7 +68,7 @@ def probe_clip(path: str | Path) -> ClipInfo:
         raise VideoReadError(f"{path.name}: file is larger than {MAX_VIDEO_BYTES // 2**20} MB.")
     capture = cv2.VideoCapture(str(path))
     try:
-        ok, _ = capture.read() if capture.isOpened() else (False, None)
+        ok, first = capture.read() if capture.isOpened() else (False, None)
         if not ok:
             raise VideoReadError(
                 f"{path.name}: not a readable video (no frame could be decoded: "
@@ -79,7 +80,7 @@ def probe_clip(path: str | Path) -> ClipInfo:
         capture.release()
     fps = fps if 1.0 <= fps <= 240.0 else FALLBACK_FPS
     total = max(total, 1)
-    return ClipInfo(path.name, fps, total, min(total, int(MAX_CLIP_SECONDS * fps)))
+    return ClipInfo(path.name, fps, total, min(total, int(MAX_CLIP_SECONDS * fps)), colour_share(first))
 
 
 def iter_grey_frames(path: str | Path, info: ClipInfo) -> Iterator[np.ndarray]:
@@ -246,4 +247,6 @@ def clip_summary_markdown(
     ]
     if info.capped:
         lines.append(f"- ⚠️ {info.cap_message}")
+    if warning := not_bmode_warning(info.colour_share):
+        lines.insert(1, f"- {warning}")
     return "\n".join(lines)
