@@ -195,3 +195,18 @@ def test_phantom_has_a_darker_lesion():
     centre = (slice(160, 200), slice(220, 260))
     assert with_lesion[centre].mean() < 0.5 * without[centre].mean()
     np.testing.assert_array_equal(speckle_phantom(seed=3), speckle_phantom(seed=3))
+
+
+def test_region_of_interest_preview_shows_what_the_crop_keeps(cam_predictor):
+    from kdcore.app import handlers
+
+    blank = handlers.roi_preview(LiveSession(), 10, 0, 0, 20)
+    assert blank.shape == (240, 320, 3)
+    session = LiveSession()
+    frame = np.full((480, 640, 3), 200, np.uint8)
+    session.process(cam_predictor, frame, RegionOfInterest(), 0.0, 0.4)
+    shown = handlers.roi_preview(session, 25, 0, 0, 50)  # keep the right 3/4, the top half
+    assert shown.shape == (480, 640, 3)
+    assert shown[100, 400].tolist() == [200, 200, 200]  # kept: as it is
+    assert shown[400, 100].tolist() == [66, 66, 66]  # cut: darkened
+    assert tuple(shown[0, 300]) != (66, 66, 66)  # the box's top edge is drawn

@@ -182,6 +182,11 @@ def live_stopped() -> tuple[None, str]:
     return None, LIVE_STOPPED_MARKDOWN
 
 
+def roi_preview(live: LiveSession, left: float, top: float, right: float, bottom: float) -> np.ndarray:
+    """The crop box on the last live frame (or a blank field), as the sliders move."""
+    return RegionOfInterest(left, top, right, bottom).preview(live.last_frame_grey)
+
+
 def ask_teacher(models: LoadedModels, live: LiveSession, opacity: float) -> list[Any]:
     """Teacher and student on the live stream's last frame: overlays, then the panel's text."""
     if live.last_grey is None:

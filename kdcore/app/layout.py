@@ -261,6 +261,9 @@ def _live_tab(models: LoadedModels) -> None:
             smoothing = gr.Slider(0.0, 0.95, value=0.6, step=0.05, label="Temporal smoothing of probabilities")
             with gr.Accordion("Region of interest (crop the scanner's interface)", open=False):
                 crops = [gr.Slider(0, 45, value=0, step=1, label=f"Crop {side} %") for side in ROI_SIDES]
+                crop_preview = gr.Image(
+                    label="What the crop keeps (last frame)", interactive=False, height=160, elem_id="live-roi-preview"
+                )
             freeze = gr.Button("Freeze frame — ask the teacher", variant="primary")
     gr.Markdown(
         "### Frozen frame: teacher vs student\nThis one frame, without temporal smoothing: its numbers can "
@@ -276,6 +279,8 @@ def _live_tab(models: LoadedModels) -> None:
         concurrency_limit=2,
     )
     stream.on_additional_outputs(handlers.live_panel, outputs=[live_label, live_stats])
+    for crop in crops:
+        crop.change(handlers.roi_preview, [session, *crops], [crop_preview], show_api=False)
     stream.stop_recording(handlers.live_stopped, None, [live_label, live_stats], show_api=False)
     freeze.click(
         partial(handlers.ask_teacher, models),

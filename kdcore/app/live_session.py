@@ -42,6 +42,16 @@ class RegionOfInterest:
     def is_full_frame(self) -> bool:
         return not any((self.left, self.top, self.right, self.bottom))
 
+    def preview(self, grey: np.ndarray | None) -> np.ndarray:
+        """RGB picture of what the crop keeps: the last live frame (or a blank 4:3 field before
+        the stream starts) with the cut margins darkened and the box drawn."""
+        base = grey if grey is not None else np.full((240, 320), 96, np.uint8)
+        y0, y1, x0, x1 = self.box(*base.shape)
+        shown = (cv2.cvtColor(base, cv2.COLOR_GRAY2RGB) // 3).astype(np.uint8)
+        shown[y0:y1, x0:x1] = cv2.cvtColor(base[y0:y1, x0:x1], cv2.COLOR_GRAY2RGB)
+        cv2.rectangle(shown, (x0, y0), (x1 - 1, y1 - 1), ROI_COLOUR_BGR[::-1], 2)
+        return shown
+
 
 class RunningMean:
     """Exponential moving average (of class probabilities, of latencies); ``weight`` 0: the last value."""
@@ -119,7 +129,8 @@ class LiveSession:
     smoother: RunningMean = field(default_factory=RunningMean)
     meter: FrameRateMeter = field(default_factory=FrameRateMeter)
     latency: RunningMean = field(default_factory=RunningMean)  # of the processing ms/frame
-    last_grey: np.ndarray | None = None
+    last_grey: np.ndarray | None = None  # the region of interest of the last frame (what the models saw)
+    last_frame_grey: np.ndarray | None = None  # the whole last frame (for the crop preview)
     last_panel_time: float = 0.0
 
     def process(
@@ -141,6 +152,7 @@ class LiveSession:
         probabilities = dict(zip(cam_predictor.class_names, map(float, smoothed)))
         label = cam_predictor.class_names[int(np.argmax(smoothed))]
         self.last_grey = grey.copy()
+        self.last_frame_grey = grey_frame
 
         annotated = frame_bgr.copy()
         annotated[y0:y1, x0:x1] = cv2.cvtColor(overlay_heatmap(grey, heatmap, opacity), cv2.COLOR_RGB2BGR)
