@@ -6,13 +6,15 @@ load test's fresh-sessions mode; needs playwright (requirements-dev) and /usr/bi
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 CHROMIUM = Path("/usr/bin/chromium")
+VIEWPORT = {"width": 1400, "height": 1000}
 FRAMES_SHOWN_JS = "() => document.querySelector('#live-stream video')?.getVideoPlaybackQuality().totalVideoFrames > 5"
 
 
@@ -54,6 +56,19 @@ def chromium_args(y4m: Path) -> list[str]:
     ]
 
 
+@contextmanager
+def chromium_page(y4m: Path) -> Iterator:
+    """A Playwright page (1400x1000) in Debian Chromium whose fake camera plays ``y4m``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
+        try:
+            yield browser.new_page(viewport=VIEWPORT)
+        finally:
+            browser.close()
+
+
 def start_live_stream(page, url: str) -> None:
     """Open the app in ``page``, go to the Live tab and start streaming the fake camera."""
     page.goto(url)
@@ -73,7 +88,7 @@ def live_browser_sessions(url: str, y4m: Path, sessions: int, seconds: float) ->
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
         try:
             for _ in range(sessions):
-                context = browser.new_context(viewport={"width": 1400, "height": 1000})
+                context = browser.new_context(viewport=VIEWPORT)
                 try:
                     page = context.new_page()
                     start_live_stream(page, url)

@@ -19,7 +19,7 @@ from kdcore.app.report import write_case_report
 from kdcore.app.service import analyse_image, load_models
 from kdcore.config import REPO_ROOT
 from kdcore.imaging import read_grey_image
-from scripts.live_browser import CHROMIUM, chromium_args, clip_frames, start_live_stream, write_y4m
+from scripts.live_browser import chromium_page, clip_frames, start_live_stream, write_y4m
 from scripts.loadtest import free_local_port
 
 ASSETS = REPO_ROOT / "assets"
@@ -66,8 +66,6 @@ def _batch_tab(page, out: Path) -> None:
 
 
 def take_screenshots(checkpoints: Path, out: Path) -> list[Path]:
-    from playwright.sync_api import sync_playwright
-
     out.mkdir(parents=True, exist_ok=True)
     demo = launch_in_background(AppSettings(checkpoints=checkpoints, port=free_local_port()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,15 +73,12 @@ def take_screenshots(checkpoints: Path, out: Path) -> list[Path]:
         bad_file.write_bytes(b"this is not an image")
         y4m = write_y4m(clip_frames(ASSETS / "phantom_sweep.mp4"), Path(tmp) / "camera.y4m")
         try:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
-                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            with chromium_page(y4m) as page:
                 page.goto(demo.local_url)
                 _image_tab(page, out, bad_file)
                 _video_tab(page, out)
                 _batch_tab(page, out)
                 _live_tab(page, demo.local_url, out)
-                browser.close()
         finally:
             demo.close()
     models = load_models(checkpoints)  # the case report, as the button renders it (PNG here)

@@ -19,7 +19,7 @@ from app_helpers import free_port, launch
 from kdcore.app.live_session import LiveSession, RegionOfInterest
 from kdcore.cam_predictor import load_cam_predictor
 from kdcore.config import CLASS_NAMES, REPO_ROOT
-from scripts.live_browser import CHROMIUM, chromium_args, clip_frames, start_live_stream, write_y4m
+from scripts.live_browser import CHROMIUM, chromium_page, clip_frames, start_live_stream, write_y4m
 
 CLIP_FRAMES = REPO_ROOT.parent / "shared" / "data" / "breast_usv" / "BR001"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -55,15 +55,11 @@ FRAME_COLOUR_JS = """() => {
 
 
 def test_live_stream_in_chromium(tiny_checkpoints, tmp_path, capsys):
-    from playwright.sync_api import sync_playwright
-
     y4m = write_y4m(clip_frames(CLIP_FRAMES), tmp_path / "breast_usv_640x480.y4m")
     demo = launch(tiny_checkpoints["student"].parent)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        with chromium_page(y4m) as page:
             start_live_stream(page, demo.local_url)
             page.wait_for_function(
                 "names => names.some(n => document.querySelector('#live-label').innerText.includes(n))",
@@ -88,7 +84,6 @@ def test_live_stream_in_chromium(tiny_checkpoints, tmp_path, capsys):
             page.locator("#frozen-teacher-overlay img").wait_for(timeout=30_000)
             page.locator("#frozen-student-overlay img").wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "live_stream_teacher.png"), full_page=True)
-            browser.close()
     finally:
         demo.close()
 
@@ -135,15 +130,11 @@ def plain_gradio_streaming_demo(checkpoint: Path) -> gr.Blocks:
 @pytest.mark.slow
 def test_plain_gradio_streaming_fps_for_comparison(tiny_checkpoints, tmp_path):
     """Report only: how many overlay frames per second Gradio's HTTP image streaming shows."""
-    from playwright.sync_api import sync_playwright
-
     y4m = write_y4m(clip_frames(CLIP_FRAMES), tmp_path / "breast_usv_640x480.y4m")
     demo = plain_gradio_streaming_demo(tiny_checkpoints["student"])
     demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port())
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        with chromium_page(y4m) as page:
             page.goto(demo.local_url)
             page.locator("#camera").get_by_text("Click to Access Webcam").click()
             page.locator("#camera button[aria-label='start stream'], #camera button:has-text('Record')").first.click()
@@ -156,7 +147,6 @@ def test_plain_gradio_streaming_fps_for_comparison(tiny_checkpoints, tmp_path):
             time.sleep(MEASURE_SECONDS)
             plain_fps = page.evaluate("() => window.shownFrames") / MEASURE_SECONDS
             page.screenshot(path=str(ARTIFACTS / "plain_gradio_stream.png"))
-            browser.close()
     finally:
         demo.close()
     print(f"\nplain Gradio image streaming in Chromium: {plain_fps:.1f} FPS")

@@ -14,7 +14,7 @@ import pytest
 from app_helpers import launch
 
 from kdcore.config import REPO_ROOT
-from scripts.live_browser import CHROMIUM, chromium_args, clip_frames, write_y4m
+from scripts.live_browser import CHROMIUM, chromium_page, clip_frames, write_y4m
 
 ASSETS = REPO_ROOT / "assets"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -30,18 +30,13 @@ VIDEO_TRANSFORM_JS = "() => getComputedStyle(document.querySelector('#live-strea
 
 @pytest.fixture(scope="module")
 def page(tiny_checkpoints, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
     y4m = write_y4m(clip_frames(ASSETS / "phantom_sweep.mp4"), tmp_path_factory.mktemp("cam") / "cam.y4m")
     demo = launch(tiny_checkpoints["student"].parent)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(y4m))
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        with chromium_page(y4m) as page:
             page.goto(demo.local_url)
             yield page
-            browser.close()
     finally:
         demo.close()
 

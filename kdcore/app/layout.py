@@ -88,6 +88,11 @@ def launch_in_background(settings: AppSettings) -> gr.Blocks:
     return demo
 
 
+def upload_box(label: str, suffixes: tuple[str, ...], elem_id: str, **kwargs: Any) -> gr.File:
+    """A file box for these suffixes that hands its handler the upload's path."""
+    return gr.File(label=label, file_types=list(suffixes), type="filepath", elem_id=elem_id, **kwargs)
+
+
 def image_drop_box(**kwargs: Any) -> gr.Image:
     """``gr.Image`` (type="filepath") that hands an uploaded file to ``read_grey_image`` unopened.
 
@@ -178,12 +183,7 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
             pasted = image_drop_box(
                 label="Ultrasound image — drop, upload or paste", sources=["upload", "clipboard"], elem_id="image-drop"
             )
-            uploaded = gr.File(
-                label="…or any file: PNG, JPEG, BMP, TIFF, DICOM",
-                file_types=list(IMAGE_SUFFIXES),
-                type="filepath",
-                elem_id="image-file",
-            )
+            uploaded = upload_box("…or any file: PNG, JPEG, BMP, TIFF, DICOM", IMAGE_SUFFIXES, "image-file")
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             explained = gr.Radio(
                 [handlers.EXPLAIN_PREDICTED, *CLASS_NAMES], value=handlers.EXPLAIN_PREDICTED,
@@ -294,12 +294,7 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
     review = gr.State(None, time_to_live=STATE_TTL_SECONDS)
     with gr.Row():
         with gr.Column(scale=1):
-            clip = gr.File(
-                label="Cine loop (mp4, avi, mov, gif)",
-                file_types=list(VIDEO_SUFFIXES),
-                type="filepath",
-                elem_id="video-file",
-            )
+            clip = upload_box("Cine loop (mp4, avi, mov, gif)", VIDEO_SUFFIXES, "video-file")
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             run = gr.Button("Analyse clip", variant="primary")
             clips = example_files(settings, VIDEO_SUFFIXES)
@@ -340,10 +335,7 @@ def _batch_tab(models: LoadedModels) -> None:
         "`malignant/` and `normal/` folders, the metrics below are those of `train.py evaluate`."
     )
     with gr.Row():
-        files = gr.File(
-            label="Images or a zip", file_count="multiple", file_types=[*IMAGE_SUFFIXES, ".zip"], type="filepath",
-            elem_id="batch-files",
-        )  # fmt: skip
+        files = upload_box("Images or a zip", (*IMAGE_SUFFIXES, ".zip"), "batch-files", file_count="multiple")
         with gr.Column():
             run = gr.Button("Analyse all", variant="primary")
             table_csv = gr.File(label="Results (CSV)", interactive=False, elem_id="batch-csv")
