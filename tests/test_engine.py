@@ -276,3 +276,31 @@ def test_initial_weights_follow_the_seed(data, tmp_path, monkeypatch):
         torch.rand(1000)  # unrelated RNG use in between
         assert torch.equal(train(0), first)
         assert not torch.equal(train(1), first)
+
+
+def test_teacher_outputs_resume_after_an_interruption(tiny_checkpoints, tmp_path, monkeypatch):
+    """A killed run keeps the blocks it finished; the rerun computes only the rest, same result."""
+    from kdcore.experiment import protocol
+
+    views = torch.randint(0, 255, (5, 2, 1, 64, 64), dtype=torch.uint8)
+    expected, expected_attention = protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "a", 3)
+    monkeypatch.setattr(protocol, "PARTIAL_EVERY_VIEWS", 4)
+    real, calls, killed = protocol.teacher_outputs, [], []
+
+    def interrupted(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2 and not killed:
+            killed.append(True)
+            raise _Stop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "teacher_outputs", interrupted)
+    with pytest.raises(_Stop):
+        protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "b", 3)
+    assert len(list((tmp_path / "b").glob("*.partial.pt"))) == 1  # the first block of 4 views was kept
+    calls.clear()
+    logits, attention = protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "b", 3)
+    assert calls == [4, 2]  # views 5-8, then 9-10: the first block was not recomputed
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(attention, expected_attention)
+    assert not list((tmp_path / "b").glob("*.partial.pt"))

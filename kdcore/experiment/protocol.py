@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from kdcore.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig
@@ -240,22 +241,59 @@ def teacher_outputs(
     return torch.cat(logits), torch.cat(attention)
 
 
+PARTIAL_EVERY_VIEWS = 2048  # teacher outputs are saved this often, so a killed run resumes
+
+
+def resumable_teacher_outputs(
+    teacher: torch.nn.Module, views: torch.Tensor, preprocess: Preprocess, attention_side: int, partial: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teacher_outputs`` over many views in blocks, with a progress bar; after each block the
+    outputs so far go to ``partial``, and a rerun continues from there (the file is removed at
+    the end). On 2 cores an ensemble teacher needs about an hour for 10,000 views."""
+    done: dict[str, torch.Tensor] = {"logits": torch.empty(0), "attention": torch.empty(0)}
+    if partial.is_file():
+        try:
+            saved = load_tensor_file(partial)
+            if isinstance(saved, dict) and {"logits", "attention"} <= set(saved):
+                done = saved
+        except WeightsError as exc:
+            print(f"warning: ignoring partial teacher outputs {partial}: {exc}")
+    blocks = [done["logits"]] if len(done["logits"]) else []
+    maps = [done["attention"]] if len(done["attention"]) else []
+    start = len(done["logits"])
+    with tqdm(total=len(views), initial=start, desc="teacher outputs on the views") as bar:
+        for first in range(start, len(views), PARTIAL_EVERY_VIEWS):
+            block_logits, block_maps = teacher_outputs(
+                teacher, views[first : first + PARTIAL_EVERY_VIEWS], preprocess, attention_side
+            )
+            blocks.append(block_logits)
+            maps.append(block_maps)
+            torch.save({"logits": torch.cat(blocks), "attention": torch.cat(maps)}, partial)
+            bar.update(len(block_logits))
+    partial.unlink(missing_ok=True)
+    return torch.cat(blocks), torch.cat(maps)
+
+
 def teacher_view_outputs(
     teacher_path: Path, views: torch.Tensor, cache: Path, attention_side: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V, C) teacher logits and (N, V, side*side) attention maps on the fixed views, cached
-    by teacher, view-bank hash and attention size."""
+    by teacher, view-bank hash and attention size (resumable while being computed)."""
     key = hashlib.sha256(views.numpy().tobytes()).hexdigest()[:16]
     weights_sha = CheckpointMeta.read(teacher_path).weights_sha256[:16]
+    cache_file = cache / f"teacher_outputs_{weights_sha}_{key}_{attention_side}.pt"
 
     def compute() -> dict[str, torch.Tensor]:
         teacher, meta = load_checkpoint(teacher_path)
         teacher.to(memory_format=torch.channels_last)
         flat = views.reshape(-1, *views.shape[2:])
-        logits, attention = teacher_outputs(teacher, flat, Preprocess(meta.preprocess), attention_side)
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(cache_file.stem + ".partial.pt")
+        logits, attention = resumable_teacher_outputs(
+            teacher, flat, Preprocess(meta.preprocess), attention_side, partial
+        )
         return {"logits": logits.reshape(*views.shape[:2], -1), "attention": attention.reshape(*views.shape[:2], -1)}
 
-    cache_file = cache / f"teacher_outputs_{weights_sha}_{key}_{attention_side}.pt"
     saved = cached_tensors(cache_file, compute, ("logits", "attention"), "teacher-output")
     return saved["logits"], saved["attention"]
 
