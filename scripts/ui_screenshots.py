@@ -27,12 +27,13 @@ ASSETS = REPO_ROOT / "assets"
 
 def _image_tab(page, out: Path, bad_file: Path) -> None:
     page.get_by_role("tab", name="Image").click()
-    page.locator("#image-drop input[type=file]").set_input_files(str(ASSETS / "phantom_round_lesion.png"))
+    page.locator("#image-file input[type=file]").set_input_files(str(ASSETS / "phantom_round_lesion.png"))
     page.wait_for_function("() => /\\d+%/.test(document.querySelector('#image-student-summary').innerText)")
     page.locator("#image-teacher-overlay img").wait_for()
     page.get_by_role("button", name="Save case report").click()
     page.locator("#image-report a").wait_for(timeout=60_000)
     page.screenshot(path=str(out / "image.png"), full_page=True)
+    page.locator("#image-file").get_by_role("button", name="Clear").click()
     page.locator("#image-file input[type=file]").set_input_files(str(bad_file))
     page.locator("#image-agreement").filter(has_text="Not analysed").wait_for(timeout=30_000)
     page.screenshot(path=str(out / "image_refused_file.png"), full_page=True)

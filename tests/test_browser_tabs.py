@@ -9,6 +9,7 @@ Run with ``pytest -m browser``; needs /usr/bin/chromium (scripts/install_browser
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from app_helpers import launch
@@ -50,18 +51,22 @@ def _seen_toasts(page, seconds: float) -> list[str]:
     return sorted(seen)
 
 
+def upload_image(page, path: Path) -> None:
+    """Drop a file into the Image tab's box, clearing the one shown first (as a user would)."""
+    box = page.locator("#image-file")
+    if box.locator("input[type=file]").count() == 0:
+        box.get_by_role("button", name="Clear").click()
+    box.locator("input[type=file]").set_input_files(str(path))
+
+
 def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     page.get_by_role("tab", name="Image").click()
-    drop = page.locator("#image-drop input[type=file]")
-    drop.set_input_files(str(ASSETS / "phantom_round_lesion.png"))
+    upload_image(page, ASSETS / "phantom_round_lesion.png")
     page.wait_for_function("() => /\\d+%/.test(document.querySelector('#image-student-summary').innerText)")
-    drop = page.locator("#image-drop input[type=file]")
-    if drop.count() == 0:  # an image is shown: clear it as a user would, then drop the next one
-        page.locator("#image-drop button[aria-label='Clear']").click()
-        drop = page.locator("#image-drop input[type=file]")
-    drop.set_input_files(str(ASSETS / "phantom_irregular_lesion.png"))
+    upload_image(page, ASSETS / "phantom_irregular_lesion.png")
     toasts = _seen_toasts(page, 4.0)
     assert not [t for t in toasts if "Waiting for file" in t], toasts
+    page.locator("#image-teacher-overlay img").wait_for(timeout=60_000)
 
 
 def test_the_class_to_explain_can_be_picked(page):
@@ -77,7 +82,7 @@ def test_a_refused_file_keeps_its_reason_on_the_page(page, tmp_path):
     bad = tmp_path / "scan.png"
     bad.write_bytes(b"not an image at all")
     page.get_by_role("tab", name="Image").click()
-    page.locator("#image-file input[type=file]").set_input_files(str(bad))
+    upload_image(page, bad)
     marker = page.locator("#image-agreement")
     marker.filter(has_text="Not analysed").wait_for(timeout=30_000)
     time.sleep(12)  # longer than a toast lives

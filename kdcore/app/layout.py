@@ -180,10 +180,13 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
     analysis_state = gr.State(None, time_to_live=STATE_TTL_SECONDS)
     with gr.Row():
         with gr.Column(scale=1):
-            pasted = image_drop_box(
-                label="Ultrasound image — drop, upload or paste", sources=["upload", "clipboard"], elem_id="image-drop"
+            uploaded = upload_box(
+                "Ultrasound image: drop or click (PNG, JPEG, BMP, TIFF, WebP, GIF or DICOM)",
+                IMAGE_SUFFIXES,
+                "image-file",
             )
-            uploaded = upload_box("…or any file: PNG, JPEG, BMP, TIFF, DICOM", IMAGE_SUFFIXES, "image-file")
+            with gr.Accordion("…or paste an image from the clipboard", open=False):
+                pasted = image_drop_box(label="Paste here", sources=["clipboard"], elem_id="image-paste")
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             explained = gr.Radio(
                 [handlers.EXPLAIN_PREDICTED, *CLASS_NAMES], value=handlers.EXPLAIN_PREDICTED,
@@ -192,7 +195,7 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
             images = example_files(settings, BROWSER_IMAGE_SUFFIXES)
             examples = gr.Examples(
                 images,
-                inputs=[pasted],
+                inputs=[uploaded],
                 label=EXAMPLES_NOTE,
                 example_labels=[example_caption(path) for path in images],
             )
@@ -219,7 +222,7 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
         gr.Button(visible=False).click(
             partial(handlers.predict, models), [source, opacity], api_outputs, api_name=api_name
         )
-    examples.load_input_event.then(page_update, [pasted, opacity, explained], page_outputs, show_api=False)
+    examples.load_input_event.then(page_update, [uploaded, opacity, explained], page_outputs, show_api=False)
     explained.change(
         partial(handlers.explain, models), [analysis_state, explained, opacity],
         [*panel.overlays, analysis_state, *panel.text_outputs], show_api=False,
