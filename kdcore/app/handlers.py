@@ -105,15 +105,24 @@ def summary_values(analysis: ImageAnalysis | None) -> list[Any]:
     ]
 
 
+NO_MODEL = "No model is loaded; see the message at the top of the page."
+
+
 @user_errors
+def analyse_file(models: LoadedModels, path: str) -> ImageAnalysis:
+    """Every loaded model on an image file, with the not-B-mode check (what /predict, the Image
+    tab and /report share)."""
+    if not models.cams:
+        raise gr.Error(NO_MODEL)
+    analysis = analyse_image(models, read_grey_image(path))
+    return replace(analysis, input_warning=not_bmode_warning(file_colour_share(path)))
+
+
 def predict(models: LoadedModels, path: str | None, opacity: float) -> tuple:
     """/predict and /predict_image: (JSON result, teacher overlay, student overlay, analysis state)."""
     if not path:
         return None, None, None, None
-    if not models.cams:
-        raise gr.Error("No model is loaded; see the message at the top of the page.")
-    analysis = analyse_image(models, read_grey_image(path))
-    analysis = replace(analysis, input_warning=not_bmode_warning(file_colour_share(path)))
+    analysis = analyse_file(models, path)
     return analysis.as_json(), *overlay_values(analysis, opacity), analysis
 
 
@@ -134,13 +143,13 @@ def page_prediction(
     """The Image tab's update: JSON, overlays, analysis state and the panel's text. A file that
     cannot be analysed leaves its reason in the panel, where the result would have been (a
     toast alone vanishes); the API (``predict``) raises instead."""
+    if not path:
+        return [None, None, None, None, *summary_values(None)]
     try:
-        payload, *_, analysis = predict(models, path, opacity)
+        analysis = analyse_file(models, path)
     except gr.Error as exc:
         return [{"error": exc.message}, None, None, None, *error_summary(exc.message)]
-    if analysis is None:
-        return [None, None, None, None, *summary_values(None)]
-    return [payload, *explain(models, analysis, choice, opacity)]
+    return [analysis.as_json(), *explain(models, analysis, choice, opacity)]
 
 
 def error_summary(message: str) -> list[Any]:
@@ -294,7 +303,7 @@ def analyse_batch(
     if not paths:
         raise gr.Error("Drop images or a zip first.")
     if not models.cams:
-        raise gr.Error("No model is loaded; see the message at the top of the page.")
+        raise gr.Error(NO_MODEL)
     out = new_result_path("batch", ".csv").parent
     with tempfile.TemporaryDirectory(prefix="kd-batch-") as work_dir:
         try:
@@ -316,15 +325,12 @@ def case_report(models: LoadedModels, analysis: ImageAnalysis | None, opacity: f
     return str(write_case_report(models, analysis, opacity, out))
 
 
-@user_errors
 def case_report_for_file(models: LoadedModels, path: str | None, opacity: float, report_format: str) -> str:
     """/report: analyse an image file and return its case report (PDF or PNG)."""
     if not path:
         raise gr.Error("Send an image file.")
     if report_format not in REPORT_FORMATS:
         raise gr.Error(f"report format must be one of {', '.join(REPORT_FORMATS)}.")
-    if not models.cams:
-        raise gr.Error("No model is loaded; see the message at the top of the page.")
-    analysis = analyse_image(models, read_grey_image(path))
+    analysis = analyse_file(models, path)
     out = new_result_path(f"case_report_{Path(path).stem}", f".{report_format}")
     return str(write_case_report(models, analysis, opacity, out, Path(path).name))
