@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=Path, default=Path("runs/cv"), help="folder for the fold models")
     p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports", help="results go to REPORTS/cv/")
 
+    p = sub.add_parser(
+        "operating-point",
+        help="choose a checkpoint's malignant threshold on the validation split (sensitivity >= 0.90) and store it",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="NAME.safetensors (with NAME.json beside it)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
+    p.add_argument("--allow-data-mismatch", action="store_true", help="use the split even if files differ")
+
     p = sub.add_parser("evaluate", help="score a checkpoint; writes JSON + Markdown + confusion PNG")
     p.add_argument("--checkpoint", type=Path, required=True, help="NAME.safetensors (with NAME.json beside it)")
     p.add_argument(
@@ -158,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
             write_split_file(build_split_records(args.data, seed=args.seed), args.split_file)
             print(f"wrote {args.split_file}")
+            return 0
+        if args.command == "operating-point":
+            data = protocol.load_busi(args.data, args.split_file, args.allow_data_mismatch)
+            print(protocol.set_operating_point(args.checkpoint, data).describe())
             return 0
         preset = get_preset(args.preset)
         if args.command in ("all", "report"):

@@ -15,6 +15,7 @@ from torch import nn
 from kdcore.config import ModelConfig, PreprocessConfig, TrainConfig, train_config_from_dict
 from kdcore.hashing import sha256_file
 from kdcore.models import build_model
+from kdcore.operating_point import OperatingPoint
 
 FORMAT_VERSION = 2  # 2: the KD temperature is ``training.kd_temperature`` (1: ``training.temperature``)
 
@@ -51,6 +52,7 @@ class CheckpointMeta:
     validation: dict[str, float] = field(default_factory=dict)  # scores at the best epoch
     history: tuple[dict[str, float], ...] = ()
     teacher_weights_sha256: str = ""
+    operating_point: OperatingPoint | None = None  # the verdict's malignant threshold (chosen on validation)
 
     @property
     def architecture(self) -> str:
@@ -73,6 +75,7 @@ class CheckpointMeta:
             "validation": self.validation,
             "history": list(self.history),
             "teacher_weights_sha256": self.teacher_weights_sha256,
+            "operating_point": self.operating_point.to_json() if self.operating_point else None,
         }
         return out
 
@@ -100,6 +103,7 @@ class CheckpointMeta:
             validation=dict(raw.get("validation") or {}),
             history=tuple(raw.get("history") or ()),
             teacher_weights_sha256=str(raw.get("teacher_weights_sha256", "")),
+            operating_point=OperatingPoint.from_json(raw["operating_point"]) if raw.get("operating_point") else None,
         )
 
     @classmethod
@@ -134,9 +138,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta, ha
         for k, v in model.state_dict().items()
     }
     save_file(state, str(weights_path))
-    meta = replace(meta, weights_sha256=sha256_file(weights_path))
-    config_path.write_text(json.dumps({**meta.to_json(), "weights_file": weights_path.name}, indent=2))
+    write_record(path, replace(meta, weights_sha256=sha256_file(weights_path)))
     return weights_path
+
+
+def write_record(path: str | Path, meta: CheckpointMeta) -> Path:
+    """Write ``meta`` as ``NAME.json`` beside its weights (the weights are not touched)."""
+    weights_path, config_path = checkpoint_paths(path)
+    config_path.write_text(json.dumps({**meta.to_json(), "weights_file": weights_path.name}, indent=2))
+    return config_path
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kdcore.checkpoint import CheckpointMeta, load_checkpoint
+from kdcore.operating_point import decide
 from kdcore.transforms import Preprocess
 
 
@@ -41,7 +42,7 @@ class Predictor:
 
     def prediction_from_logits(self, logits: torch.Tensor, latency_ms: float) -> Prediction:
         probs = self.probabilities(logits.reshape(-1)).tolist()
-        label = self.class_names[int(np.argmax(probs))]
+        label = self.class_names[int(decide(np.array(probs), self.class_names, self.meta.operating_point))]
         return Prediction(label, dict(zip(self.class_names, map(float, probs))), latency_ms)
 
     @torch.inference_mode()

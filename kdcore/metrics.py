@@ -23,6 +23,7 @@ from sklearn.metrics import (  # noqa: E402
 )
 
 from kdcore.config import CLASS_NAMES  # noqa: E402
+from kdcore.operating_point import POSITIVE_CLASS, OperatingPoint, decide, sensitivity_specificity  # noqa: E402
 
 BOOTSTRAP_ROUNDS = 1000
 
@@ -115,8 +116,24 @@ def bootstrap_intervals(
     }
 
 
-def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """The evaluation JSON: headline metrics, per-class P/R/F1, confusion matrix, ECE, 95% CIs."""
+def at_operating_point(y_true: np.ndarray, probs: np.ndarray, point: OperatingPoint) -> dict[str, Any]:
+    """Sensitivity, specificity, accuracy and confusion matrix of the checkpoint's verdict rule."""
+    positive = CLASS_NAMES.index(POSITIVE_CLASS)
+    sensitivity, specificity = sensitivity_specificity(probs[:, positive], y_true == positive, point.threshold)
+    y_pred = decide(probs, CLASS_NAMES, point)
+    return {
+        "threshold": point.threshold,
+        "chosen_on": point.source,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "accuracy": float(np.mean(y_pred == y_true)),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=list(range(len(CLASS_NAMES)))).tolist(),
+    }
+
+
+def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray, point: OperatingPoint | None = None) -> dict[str, Any]:
+    """The evaluation JSON: headline metrics (most probable class), per-class P/R/F1, confusion
+    matrix, ECE, 95% CIs, and the scores of the verdict rule when ``point`` is given."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(1)
@@ -136,6 +153,7 @@ def evaluate_predictions(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any
     result["ece"] = expected_calibration_error(y_true, probs)
     result["ci95"] = bootstrap_intervals(y_true, probs)
     result["class_names"] = list(CLASS_NAMES)
+    result["operating_point"] = at_operating_point(y_true, probs, point) if point else None
     # Sanity: sklearn's balanced accuracy agrees when every class is present.
     if len(set(y_true.tolist())) == len(CLASS_NAMES):
         assert abs(result["balanced_accuracy"] - balanced_accuracy_score(y_true, y_pred)) < 1e-9
@@ -176,6 +194,12 @@ def markdown_table(result: dict[str, Any], title: str) -> str:
         lines.append(f"| {key} | {with_ci(key)} |")
     lines.append(f"| ece | {result['ece']:.3f} |")
     lines.append(f"| n | {result['n']} |")
+    if point := result.get("operating_point"):
+        lines.append(
+            f"\nVerdict rule (malignant when p(malignant) >= {point['threshold']:.3f}, chosen on the "
+            f"{point['chosen_on']}): sensitivity {point['sensitivity']:.3f}, specificity "
+            f"{point['specificity']:.3f}, accuracy {point['accuracy']:.3f}"
+        )
     return "\n".join(lines) + "\n"
 
 

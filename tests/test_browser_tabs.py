@@ -1,6 +1,7 @@
 """What a person sees in Chromium, second round: a refused file keeps its reason on the page,
 replacing an image raises no "waiting for upload" toasts, the live preview is never mirrored,
-the start button says what it does, Stop clears the live panel, the video tab shows the first
+the start button says what it does, Stop clears the live panel, the verdict rule with its
+sensitivity / specificity sits next to the verdict, the video tab shows the first
 frame at once and ends on a summary that names the most suspicious segment.
 
 Run with ``pytest -m browser``; needs /usr/bin/chromium (scripts/install_browser.sh).
@@ -8,13 +9,17 @@ Run with ``pytest -m browser``; needs /usr/bin/chromium (scripts/install_browser
 
 from __future__ import annotations
 
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from app_helpers import launch
 
+from kdcore.checkpoint import CheckpointMeta, write_record
 from kdcore.config import REPO_ROOT
+from kdcore.operating_point import OperatingPoint
 from scripts.live_browser import CHROMIUM, chromium_page, clip_frames, write_y4m
 
 ASSETS = REPO_ROOT / "assets"
@@ -29,10 +34,23 @@ TOASTS_JS = "() => Array.from(document.querySelectorAll('.toast-body')).map(t =>
 VIDEO_TRANSFORM_JS = "() => getComputedStyle(document.querySelector('#live-stream video')).transform"
 
 
+STUDENT_POINT = OperatingPoint(0.12, 0.9, 0.9, 0.571, 20, 56, "validation split")
+
+
+def checkpoints_with_student_point(tiny_checkpoints, folder: Path) -> Path:
+    """The tiny checkpoints, the student's record carrying an operating point."""
+    for path in tiny_checkpoints.values():
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(path.with_suffix(suffix), folder / path.with_suffix(suffix).name)
+    student = folder / tiny_checkpoints["student"].name
+    write_record(student, replace(CheckpointMeta.read(student), operating_point=STUDENT_POINT))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def page(tiny_checkpoints, tmp_path_factory):
     y4m = write_y4m(clip_frames(ASSETS / "phantom_sweep.mp4"), tmp_path_factory.mktemp("cam") / "cam.y4m")
-    demo = launch(tiny_checkpoints["student"].parent)
+    demo = launch(checkpoints_with_student_point(tiny_checkpoints, tmp_path_factory.mktemp("shipped")))
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with chromium_page(y4m) as page:
@@ -67,6 +85,15 @@ def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     toasts = _seen_toasts(page, 4.0)
     assert not [t for t in toasts if "Waiting for file" in t], toasts
     page.locator("#image-teacher-overlay img").wait_for(timeout=60_000)
+
+
+def test_the_verdict_rule_with_its_sensitivity_and_specificity_is_next_to_the_verdict(page):
+    page.get_by_role("tab", name="Image").click()
+    upload_image(page, ASSETS / "phantom_round_lesion.png")
+    student = page.locator("#image-student-summary")
+    student.filter(has_text="Verdict rule").wait_for(timeout=60_000)
+    assert "malignant when p(malignant) ≥ 12%: sensitivity 90%, specificity 57%" in student.inner_text()
+    assert "most probable class" in page.locator("#image-teacher-summary").inner_text()  # no point stored
 
 
 def test_the_class_to_explain_can_be_picked(page):

@@ -104,6 +104,7 @@ def test_help_lists_every_subcommand(tmp_path):
         ("student", ["--teacher", "--preset", "--data", "--out", "--subset", "--init-weights"]),
         ("scratch", ["--preset", "--data", "--out", "--subset"]),
         ("evaluate", ["--checkpoint", "--data", "--out", "--split-file"]),
+        ("operating-point", ["--checkpoint", "--data", "--split-file"]),
         ("all", ["--runs", "--ship-dir", "--reports", "--seeds", "--subset"]),
         ("cv", ["--name", "--role", "--teacher-cv", "--k", "--folds", "--set", "--runs", "--reports"]),
     ],
@@ -113,7 +114,7 @@ def test_each_subcommand_explains_its_options(tmp_path, command, options):
     assert result.returncode == 0, result.stderr
     for option in options:
         assert option in result.stdout, option
-    assert "offline" in result.stdout or command == "evaluate"
+    assert "offline" in result.stdout or command in ("evaluate", "operating-point")
 
 
 def test_defaults_point_at_the_shared_busi_folder_and_committed_split():
@@ -205,6 +206,38 @@ def test_evaluate_on_busi_scores_exactly_the_test_rows(busi_dir, tiny_checkpoint
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
 
+def test_operating_point_is_chosen_on_validation_stored_and_used(busi_dir, tiny_checkpoints, tmp_path, capsys):
+    """train.py operating-point: threshold on the validation split (the test split's images are
+    not scored), written to the record; evaluate then reports the rule's sensitivity / specificity."""
+    import shutil
+
+    from kdcore.checkpoint import CheckpointMeta
+    from kdcore.experiment.protocol import load_busi
+    from kdcore.operating_point import sensitivity_specificity
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tiny_checkpoints["student"].with_suffix(suffix), tmp_path / f"student{suffix}")
+    checkpoint = tmp_path / "student.safetensors"
+    code, out, err = run_main(capsys, "operating-point", "--checkpoint", checkpoint, "--data", busi_dir)
+    assert code == 0, err[-2000:]
+    point = CheckpointMeta.read(checkpoint).operating_point
+    assert point is not None and point.source == "validation split" and f"{point.threshold:.0%}" in out
+    data = load_busi(busi_dir, DEFAULT_SPLIT_FILE)
+    predictor = load_predictor(checkpoint)  # the weights' sha256 still matches: only the record changed
+    probs = predictor.probabilities(predictor.logits_for(data.greys["val"])).numpy()
+    is_malignant = data.labels["val"].numpy() == 1
+    assert (point.positives, point.negatives) == (is_malignant.sum(), (~is_malignant).sum())
+    assert sensitivity_specificity(probs[:, 1], is_malignant, point.threshold) == (point.sensitivity, point.specificity)
+    assert point.sensitivity >= 0.9 > sensitivity_specificity(probs[:, 1], is_malignant, point.threshold + 1e-6)[0]
+
+    out_json = tmp_path / "eval.json"
+    code, _, err = run_main(capsys, "evaluate", "--checkpoint", checkpoint, "--data", busi_dir, "--out", out_json)
+    assert code == 0, err[-2000:]
+    scored = json.loads(out_json.read_text())["operating_point"]
+    assert scored["threshold"] == point.threshold and 0 <= scored["specificity"] <= 1
+    assert "Verdict rule" in out_json.with_suffix(".md").read_text()
+
+
 def test_evaluate_rejects_a_folder_without_class_subfolders(tmp_path, tiny_checkpoints, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "x.json"
@@ -289,6 +322,8 @@ def _check_trained(path: Path, role: str) -> dict:
     assert config["training"]["epochs"] == 1
     assert config["validation"] == config["history"][config["best_epoch"] - 1]
     assert config["calibration"]["temperature"] > 0
+    point = config["operating_point"]  # chosen on validation at training time
+    assert point["source"] == "validation split" and point["sensitivity"] >= point["target_sensitivity"] == 0.9
     predictor = load_predictor(path)
     assert predictor.predict(_synthetic_ultrasound(0, 0, (200, 260))).label in CLASS_NAMES
     return config

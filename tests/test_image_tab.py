@@ -83,7 +83,7 @@ def test_case_report_holds_the_analysis(models, speckle_image, tmp_path, report_
     assert report.endswith(f"case_report_case_7.{report_format}")
     student = models.metas["student"]
     assert student.weights_sha256[:16].encode() in data  # the record is in the file's metadata
-    assert b"Decision rule" in data and b"not a diagnostic device" in data
+    assert b"verdict rule: the most probable class" in data and b"not a diagnostic device" in data
     analysis = analyse_image(models, speckle_image)
     on_screen = handlers.case_report(models, analysis, 0.4, report_format)
     assert open(on_screen, "rb").read()[:4] == data[:4]

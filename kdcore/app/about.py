@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kdcore.app.service import HOW_TO_GET_CHECKPOINTS, ROLES, LoadedModels
 from kdcore.checkpoint import CheckpointMeta
+from kdcore.operating_point import verdict_rule
 
 NOT_A_DEVICE = (
     "## Research demo — not a diagnostic device\n"
@@ -29,6 +30,7 @@ def checkpoint_markdown(role: str, meta: CheckpointMeta) -> str:
         "",
         _numbers_table(f"Validation (best epoch, {meta.best_epoch})", meta.validation),
         _numbers_table("Calibration (fitted on validation)", calibration),
+        f"**Verdict rule**: {verdict_rule(meta.operating_point)}.",
     ]
     return "\n".join(parts)
 

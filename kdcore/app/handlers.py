@@ -28,6 +28,7 @@ from kdcore.app.report import REPORT_FORMATS, write_case_report
 from kdcore.app.result_files import new_result_path
 from kdcore.app.service import ROLES, ImageAnalysis, LoadedModels, analyse_image, explain_class, prediction_markdown
 from kdcore.app.video import (
+    SUSPICION_THRESHOLD,
     ClipInfo,
     FrameResult,
     VideoReadError,
@@ -86,7 +87,7 @@ def overlay_values(analysis: ImageAnalysis | None, opacity: float) -> list[np.nd
 def explained_markdown(role: str, analysis: ImageAnalysis) -> str:
     """A model's line, and which class its Grad-CAM panel explains."""
     prediction = analysis.predictions.get(role)
-    line = prediction_markdown(role, prediction, analysis.total_ms.get(role))
+    line = prediction_markdown(role, prediction, analysis.total_ms.get(role), analysis.operating_points.get(role))
     if prediction is None:
         return line
     how = "chosen" if analysis.explained else "predicted"
@@ -260,8 +261,10 @@ def analyse_video(models: LoadedModels, path: str | None, opacity: float) -> Ite
         status = frame_status(result, info)
         yield overlay, status, None, None, None, *empty_panel, ""
     wall = time.perf_counter() - started
+    point = models.student_cam.predictor.meta.operating_point
+    threshold = point.threshold if point else SUSPICION_THRESHOLD
     if not results:
-        yield overlay, status, None, None, None, *empty_panel, clip_summary_markdown(results, info, wall)
+        yield overlay, status, None, None, None, *empty_panel, clip_summary_markdown(results, info, wall, threshold)
         return
     peak = most_suspicious_frame(results)
     analysis = analyse_image(models, read_frame(path, info, peak.index))
@@ -274,7 +277,7 @@ def analyse_video(models: LoadedModels, path: str | None, opacity: float) -> Ite
         ClipReview(path, info, tuple(results)),
         *overlay_values(analysis, opacity),
         *summary_values(analysis),
-        clip_summary_markdown(results, info, wall)
+        clip_summary_markdown(results, info, wall, threshold)
         + f"\n\nBelow: teacher and student on the most suspicious frame ({peak.time_s:.1f} s).",
     )
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from kdcore.cam_predictor import CamPredictor
 from kdcore.imaging import colour_share, grey_from_bgr, not_bmode_warning
+from kdcore.operating_point import decide
 from kdcore.overlay import overlay_heatmap
 
 STATUS_BAR_HEIGHT = 28
@@ -150,7 +151,8 @@ class LiveSession:
         raw = np.array([prediction.probabilities[name] for name in cam_predictor.class_names])
         smoothed = self.smoother.update(raw, smoothing)
         probabilities = dict(zip(cam_predictor.class_names, map(float, smoothed)))
-        label = cam_predictor.class_names[int(np.argmax(smoothed))]
+        point = cam_predictor.predictor.meta.operating_point
+        label = cam_predictor.class_names[int(decide(smoothed, cam_predictor.class_names, point))]
         self.last_grey = grey.copy()
         self.last_frame_grey = grey_frame
 

@@ -13,9 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from kdcore.app.service import DISCLAIMER, ROLES, ImageAnalysis, LoadedModels  # noqa: E402
+from kdcore.operating_point import verdict_rule  # noqa: E402
 
 REPORT_FORMATS = ("pdf", "png")
-DECISION_RULE = "the class with the highest calibrated probability"
 
 
 def _model_lines(models: LoadedModels, analysis: ImageAnalysis, role: str) -> list[str]:
@@ -29,6 +29,7 @@ def _model_lines(models: LoadedModels, analysis: ImageAnalysis, role: str) -> li
         f"{role.capitalize()}: {prediction.label.upper()}  ({probabilities})",
         f"    model {meta.architecture}, {timing}",
         f"    checkpoint sha256 {meta.weights_sha256[:16]}..., calibration T {meta.calibration_temperature:.2f}",
+        f"    verdict rule: {verdict_rule(meta.operating_point)}",
     ]
 
 
@@ -62,7 +63,7 @@ def write_case_report(
     lines = [line for role in ROLES for line in _model_lines(models, analysis, role)]
     lines += [
         "",
-        f"Decision rule: {DECISION_RULE}. {_agreement(analysis)}",
+        _agreement(analysis),
         "Grad-CAM colours: blue = little, red = much evidence for the class named above the overlay.",
         f"Created {created}.",
         "",

@@ -19,6 +19,7 @@ from kdcore.cam_predictor import CamPredictor, cam_predictor_for
 from kdcore.checkpoint import CheckpointError, CheckpointMeta, checkpoint_paths
 from kdcore.config import REPO_ROOT
 from kdcore.inference import Prediction, Predictor, load_predictor
+from kdcore.operating_point import OperatingPoint, verdict_rule
 from kdcore.overlay import overlay_heatmap
 
 DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints"
@@ -101,6 +102,7 @@ class ImageAnalysis:
     model_inputs: dict[str, np.ndarray] = field(default_factory=dict)  # each model's resized input (small)
     explained: str | None = None  # the class the heat-maps explain; None: each model's predicted class
     input_warning: str = ""  # e.g. the picture is in colour: not a B-mode scan
+    operating_points: dict[str, OperatingPoint | None] = field(default_factory=dict)  # each model's verdict rule
 
     def explained_class(self, role: str) -> str:
         return self.explained or self.predictions[role].label
@@ -136,14 +138,15 @@ def display_copy(grey: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarr
 def analyse_image(models: LoadedModels, grey: np.ndarray) -> ImageAnalysis:
     """Run every loaded model (with Grad-CAM) on one HxW uint8 image; the analysis keeps a
     display-sized copy of it for the overlays (it lives in the user's session)."""
-    predictions, heatmaps, total_ms, inputs = {}, {}, {}, {}
+    predictions, heatmaps, total_ms, inputs, points = {}, {}, {}, {}, {}
     for role, cam in models.cams.items():
         started = time.perf_counter()
         predictions[role], heatmap = cam.predict_with_cam(grey)
         heatmaps[role] = heatmap_bytes(heatmap)
         total_ms[role] = (time.perf_counter() - started) * 1000
         inputs[role] = cam.predictor.preprocess.resize(grey)[0].numpy()
-    return ImageAnalysis(display_copy(grey), predictions, heatmaps, total_ms, inputs)
+        points[role] = cam.predictor.meta.operating_point
+    return ImageAnalysis(display_copy(grey), predictions, heatmaps, total_ms, inputs, operating_points=points)
 
 
 def explain_class(models: LoadedModels, analysis: ImageAnalysis, class_name: str | None) -> ImageAnalysis:
@@ -172,9 +175,12 @@ def heatmap_bytes(heatmap: np.ndarray) -> np.ndarray:
 LOW_CONFIDENCE = 0.6  # a top class below this is flagged: the model is unsure
 
 
-def prediction_markdown(role: str, prediction: Prediction | None, total_ms: float | None = None) -> str:
+def prediction_markdown(
+    role: str, prediction: Prediction | None, total_ms: float | None = None, point: OperatingPoint | None = None
+) -> str:
     """One line per model: class, calibrated confidence (flagged when low) and latencies: the
-    forward pass, and the whole analysis with Grad-CAM and overlay when known."""
+    forward pass, and the whole analysis with Grad-CAM and overlay when known; then the verdict
+    rule with its sensitivity / specificity when the model has an operating point."""
     if prediction is None:
         return f"**{role.capitalize()}**: not loaded"
     confidence = prediction.probabilities[prediction.label]
@@ -182,4 +188,5 @@ def prediction_markdown(role: str, prediction: Prediction | None, total_ms: floa
     timing = f"forward pass {prediction.latency_ms:.1f} ms"
     if total_ms is not None:
         timing += f", with Grad-CAM {total_ms:.0f} ms"
-    return f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}, calibrated){flag} · {timing}"
+    line = f"**{role.capitalize()}**: {prediction.label} ({confidence:.0%}, calibrated){flag} · {timing}"
+    return f"{line}\n\nVerdict rule: {verdict_rule(point)}"

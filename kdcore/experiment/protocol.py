@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from kdcore.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from kdcore.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, write_record
 from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig
 from kdcore.data import (
     DataIntegrityError,
@@ -52,6 +52,7 @@ from kdcore.metrics import (
     plot_confusion_matrix,
 )
 from kdcore.models import WeightsError, build_model, feature_map_side, load_tensor_file, map_and_logits
+from kdcore.operating_point import POSITIVE_CLASS, OperatingPoint, choose_operating_point
 from kdcore.probe import fit_probe_head
 from kdcore.transforms import Preprocess, UltrasoundAugment, resize_views
 
@@ -110,15 +111,29 @@ def load_busi(root: Path, split_file: Path, allow_mismatch: bool = False, subset
     )
 
 
-def _calibrate(model: torch.nn.Module, data: BusiData, preprocess: Preprocess) -> tuple[float, dict[str, float]]:
-    """Temperature fitted on validation logits (never test), with validation ECE before/after."""
+def _calibrate(
+    model: torch.nn.Module, data: BusiData, preprocess: Preprocess
+) -> tuple[float, dict[str, float], OperatingPoint]:
+    """Temperature fitted on validation logits (never test), with validation ECE before/after,
+    and the operating point chosen on the calibrated validation probabilities."""
     logits = predict_logits(model, data.images("val", preprocess.cfg.input_size), preprocess)
     labels = data.labels["val"].numpy()
     temperature = fit_temperature(logits, data.labels["val"])
-    return temperature, {
-        "val_ece_before": expected_calibration_error(labels, torch.softmax(logits, 1).numpy()),
-        "val_ece_after": expected_calibration_error(labels, torch.softmax(logits / temperature, 1).numpy()),
-    }
+    probs = torch.softmax(logits / temperature, 1).numpy()
+    return (
+        temperature,
+        {
+            "val_ece_before": expected_calibration_error(labels, torch.softmax(logits, 1).numpy()),
+            "val_ece_after": expected_calibration_error(labels, probs),
+        },
+        validation_operating_point(probs, labels),
+    )
+
+
+def validation_operating_point(probs: np.ndarray, labels: np.ndarray) -> OperatingPoint:
+    """The malignant threshold for the target sensitivity on calibrated validation probabilities."""
+    positive = CLASS_NAMES.index(POSITIVE_CLASS)
+    return choose_operating_point(probs[:, positive], labels == positive, "validation split")
 
 
 def _fit_and_save(
@@ -169,7 +184,7 @@ def _calibrate_and_save(
     """Temperature on validation, then the weights and their record."""
     preprocess = Preprocess(preprocess_cfg)
     model = model.to(memory_format=torch.contiguous_format).eval()
-    temperature, calibration = _calibrate(model, data, preprocess)
+    temperature, calibration, point = _calibrate(model, data, preprocess)
     meta = CheckpointMeta(
         model=model_cfg,
         preprocess=preprocess_cfg,
@@ -183,6 +198,7 @@ def _calibrate_and_save(
         validation=next((h for h in result.history if h["epoch"] == result.best_epoch), {}),
         history=tuple(result.history),
         teacher_weights_sha256=teacher_weights_sha256,
+        operating_point=point,
     )
     return save_checkpoint(out_path, model, meta, half=half)
 
@@ -405,13 +421,24 @@ def predict_records(predictor: Predictor, root: Path, records: list[ImageRecord]
     return predictor.probabilities(logits).numpy()
 
 
+def set_operating_point(checkpoint: Path, data: BusiData) -> OperatingPoint:
+    """Choose ``checkpoint``'s operating point on the validation split and store it in its record."""
+    predictor = load_predictor(checkpoint)
+    labels = data.labels["val"].numpy()
+    probs = predictor.probabilities(predictor.logits_for(data.greys["val"])).numpy()
+    point = validation_operating_point(probs, labels)
+    write_record(checkpoint, replace(predictor.meta, operating_point=point))
+    return point
+
+
 def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split_file: Path, out_json: Path | None) -> dict[str, Any]:
     """Evaluation JSON (+ Markdown table and confusion-matrix PNG beside ``out_json``)."""
     predictor = load_predictor(checkpoint)
     records = evaluation_records(data_dir, split_file)
     probs = predict_records(predictor, data_dir, records)
     y_true = label_indices(records).numpy()
-    result = {"checkpoint": str(checkpoint), "data": str(data_dir), **evaluate_predictions(y_true, probs)}
+    scores = evaluate_predictions(y_true, probs, predictor.meta.operating_point)
+    result = {"checkpoint": str(checkpoint), "data": str(data_dir), **scores}
     if out_json is not None:
         out_json = Path(out_json)
         out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,9 @@ def build(
         run_logits, _ = test_predictions(predictor, data)
         evaluations[run.name] = evaluate_predictions(y_true, calibrated(predictor, run_logits))
     summary: dict[str, Any] = {
-        role: evaluate_predictions(y_true, calibrated(predictors[role], logits[role]))
+        role: evaluate_predictions(
+            y_true, calibrated(predictors[role], logits[role]), predictors[role].meta.operating_point
+        )
         for role in ("teacher", "student")
     }
     rows = sorted({r.row for r in student_runs})
@@ -314,6 +316,30 @@ def write_figures(
         plot_training_curves(list(CheckpointMeta.read(path).history), out / f"training_{role}.png", role)
 
 
+def operating_point_markdown(teacher: dict[str, Any], student: dict[str, Any]) -> str:
+    """The model card's section on the app's verdict rule: threshold, validation and test rates."""
+    rows = []
+    for role, scores in (("teacher", teacher), ("student", student)):
+        if point := scores.get("operating_point"):
+            rows.append(
+                f"| {role} | {point['threshold']:.3f} | {point['sensitivity']:.3f} | {point['specificity']:.3f} |"
+            )
+    if not rows:
+        return "## Operating point\nNone stored: the app's verdict is the most probable class."
+    return "\n".join(
+        [
+            "## Operating point (the app's verdict rule)",
+            "The verdict is malignant when the calibrated p(malignant) reaches the threshold, chosen on",
+            "the validation split for sensitivity >= 0.90 (`train.py operating-point`); below it the",
+            "more probable of benign / normal. Test-split rates at that fixed threshold:",
+            "",
+            "| model | threshold | test sensitivity | test specificity |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
 def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student: Path) -> None:
     t, s = summary["teacher"], summary["student"]
     tmeta, smeta = CheckpointMeta.read(teacher), CheckpointMeta.read(student)
@@ -358,6 +384,8 @@ Grad-CAM pointing game on lesion test images: teacher {loc["teacher"]["pointing_
 student {loc["student"]["pointing_game"]:.3f} (chance {loc["student"]["chance_rate"]:.3f}).
 Teacher temperature {tmeta.calibration_temperature:.3f}, student {smeta.calibration_temperature:.3f}.
 Full tables and figures: `reports/`.
+
+{operating_point_markdown(t, s)}
 
 ## Intended use
 Demonstrating knowledge distillation and real-time inference on breast-ultrasound images,
