@@ -8,6 +8,10 @@ python train.py cv        5-fold group-aware cross-validation of a recipe on tra
 python train.py all       the whole reference protocol + reports (resumable)
 python train.py split     rebuild the near-duplicate groups and the split file
 python train.py report    rebuild reports/ from the runs of `all`
+python train.py operating-point  choose a checkpoint's malignant threshold on validation
+
+Every training command runs on one process or under `torchrun --nproc_per_node N train.py ...`
+(distributed data parallel: gloo on CPU, NCCL on GPUs); see --device, --amp, --workers.
 """
 
 from __future__ import annotations
@@ -20,7 +24,44 @@ from pathlib import Path
 from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, PRESETS, REPO_ROOT, Preset, Recipe, get_preset
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run (auto: CUDA, else Apple MPS, else CPU; default: %(default)s)",
+    )
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    _device_option(p)
+    p.add_argument(
+        "--amp",
+        default="off",
+        choices=["off", "auto", "bf16", "fp16"],
+        help="mixed precision on CUDA (auto: bf16 where supported, else fp16 with a gradient scaler)",
+    )
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep the NCHW memory layout")
+    p.add_argument(
+        "--pin-memory",
+        dest="pin_memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pinned host memory for batches (default: on with CUDA)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
+
+
+def runtime_config(args: argparse.Namespace):
+    """The command line's ``RuntimeConfig`` (device only for evaluation commands)."""
+    from kdcore.runtime import RuntimeConfig
+
+    names = ("device", "amp", "channels_last", "pin_memory", "workers")
+    return RuntimeConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
 def _common(p: argparse.ArgumentParser) -> None:
+    _runtime_options(p)
     p.add_argument(
         "--preset",
         default="offline",
@@ -90,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
     p.add_argument("--allow-data-mismatch", action="store_true", help="use the split even if files differ")
+    _device_option(p)
 
     p = sub.add_parser("evaluate", help="score a checkpoint; writes JSON + Markdown + confusion PNG")
     p.add_argument("--checkpoint", type=Path, required=True, help="NAME.safetensors (with NAME.json beside it)")
@@ -101,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
     p.add_argument("--out", type=Path, required=True, help="FILE.json to write")
+    _device_option(p)
 
     for name, text in (
         ("all", "teacher -> KD students -> scratch students -> extra rows -> reports"),
@@ -147,6 +190,44 @@ def command_recipe(preset: Preset, args: argparse.Namespace) -> Recipe:
     return recipe.with_settings(shorthand_settings(args))
 
 
+def training_command(args: argparse.Namespace, runtime) -> None:
+    """teacher | student | scratch | cv | all | report, on ``runtime`` (one process or a torchrun rank)."""
+    from kdcore.experiment import protocol
+
+    preset = get_preset(args.preset)
+    if args.command in ("all", "report"):
+        from kdcore.experiment import pipeline
+
+        if args.command == "all":
+            pipeline.run_all(preset, args, runtime)
+        elif runtime.is_main:
+            pipeline.write_reports(preset, args)
+        return
+    data = protocol.load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
+    recipe = command_recipe(preset, args)
+    if args.command == "cv":
+        from kdcore.experiment import cv
+
+        folds = tuple(args.folds) if args.folds else None
+        results = args.reports / "cv"
+        cv.run_cv(args.name, args.role, recipe, data, args.runs, results, args.k, folds, args.teacher_cv, runtime)
+        if runtime.is_main:
+            (results / "README.md").write_text(cv.CV_README + cv.cv_table(results))
+            print(cv.cv_table(results))
+        return
+    if args.command == "teacher":
+        path = protocol.train_teacher(
+            recipe.model, recipe.preprocess, recipe.train, data, args.out, args.resume, runtime
+        )
+    else:
+        teacher = args.teacher if args.command == "student" else None
+        path = protocol.train_student(
+            recipe.model, recipe.preprocess, recipe.train, data, args.out, teacher, args.resume, runtime=runtime
+        )
+    if runtime.is_main:
+        print(f"saved {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:  # its own parser (and --help) live in kdcore.export
@@ -156,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from kdcore.data import DataIntegrityError
     from kdcore.experiment import protocol
+    from kdcore.runtime import resolve_device, runtime_for
 
     try:
         if args.command == "evaluate":
-            result = protocol.evaluate_checkpoint(args.checkpoint, args.data, args.split_file, args.out)
+            device = resolve_device(args.device)
+            result = protocol.evaluate_checkpoint(args.checkpoint, args.data, args.split_file, args.out, device)
             print(json.dumps({k: result[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}, indent=2))
             return 0
         if args.command == "split":
@@ -170,34 +253,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "operating-point":
             data = protocol.load_busi(args.data, args.split_file, args.allow_data_mismatch)
-            print(protocol.set_operating_point(args.checkpoint, data).describe())
+            point = protocol.set_operating_point(args.checkpoint, data, resolve_device(args.device))
+            print(point.describe())
             return 0
-        preset = get_preset(args.preset)
-        if args.command in ("all", "report"):
-            from kdcore.experiment import pipeline
-
-            run = pipeline.run_all if args.command == "all" else pipeline.write_reports
-            run(preset, args)
-            return 0
-        data = protocol.load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
-        recipe = command_recipe(preset, args)
-        if args.command == "cv":
-            from kdcore.experiment import cv
-
-            folds = tuple(args.folds) if args.folds else None
-            results = args.reports / "cv"
-            cv.run_cv(args.name, args.role, recipe, data, args.runs, results, args.k, folds, args.teacher_cv)
-            (results / "README.md").write_text(cv.CV_README + cv.cv_table(results))
-            print(cv.cv_table(results))
-            return 0
-        if args.command == "teacher":
-            path = protocol.train_teacher(recipe.model, recipe.preprocess, recipe.train, data, args.out, args.resume)
-        else:
-            teacher = args.teacher if args.command == "student" else None
-            path = protocol.train_student(
-                recipe.model, recipe.preprocess, recipe.train, data, args.out, teacher, args.resume
-            )
-        print(f"saved {path}")
+        with runtime_for(runtime_config(args)) as runtime:
+            training_command(args, runtime)
         return 0
     except (DataIntegrityError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

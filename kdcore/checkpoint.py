@@ -53,6 +53,7 @@ class CheckpointMeta:
     history: tuple[dict[str, float], ...] = ()
     teacher_weights_sha256: str = ""
     operating_point: OperatingPoint | None = None  # the verdict's malignant threshold (chosen on validation)
+    runtime: dict[str, Any] = field(default_factory=dict)  # where it trained: device, amp, ranks ...
 
     @property
     def architecture(self) -> str:
@@ -76,6 +77,7 @@ class CheckpointMeta:
             "history": list(self.history),
             "teacher_weights_sha256": self.teacher_weights_sha256,
             "operating_point": self.operating_point.to_json() if self.operating_point else None,
+            "runtime": self.runtime,
         }
         return out
 
@@ -104,6 +106,7 @@ class CheckpointMeta:
             history=tuple(raw.get("history") or ()),
             teacher_weights_sha256=str(raw.get("teacher_weights_sha256", "")),
             operating_point=OperatingPoint.from_json(raw["operating_point"]) if raw.get("operating_point") else None,
+            runtime=dict(raw.get("runtime") or {}),
         )
 
     @classmethod

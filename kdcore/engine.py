@@ -1,5 +1,6 @@
 """Training loop: AdamW + warm-up/cosine, class weights, checkpoint on best *validation*
-score, early stopping, per-epoch resumable state, seeded and reproducible."""
+score, early stopping, per-epoch resumable state, seeded and reproducible; on any device,
+with optional mixed precision, and data-parallel over the ranks of a torchrun launch."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from kdcore.config import CLASS_NAMES, TrainConfig
 from kdcore.distill import Distiller
 from kdcore.models import WeightsError, load_tensor_file, new_layer_parameters, set_train_mode
+from kdcore.runtime import CPU, Runtime, barrier, describe, from_main, sum_across_ranks
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
 
@@ -76,12 +79,19 @@ class FixedViewBank(Dataset):
         teacher_attention: torch.Tensor | None = None,
     ) -> None:
         self.bank, self.teacher_logits, self.teacher_attention = bank, teacher_logits, teacher_attention
+        self.set_epoch(0)
+
+    def set_epoch(self, seed: int) -> None:
+        """Pick this epoch's view of every image from ``seed`` alone, so that every data-loader
+        worker and every distributed rank agrees on it."""
+        generator = torch.Generator().manual_seed(seed)
+        self.chosen = torch.randint(self.bank.views.shape[1], (len(self.bank.views),), generator=generator)
 
     def __len__(self) -> int:
         return len(self.bank.views)
 
     def __getitem__(self, i: int):
-        v = int(torch.randint(self.bank.views.shape[1], ()))
+        v = int(self.chosen[i])
         logits = EMPTY if self.teacher_logits is None else self.teacher_logits[i, v]
         attention = EMPTY if self.teacher_attention is None else self.teacher_attention[i, v]
         mask = EMPTY if self.bank.masks is None else self.bank.masks[i, v]
@@ -129,20 +139,31 @@ def build_view_bank(
     return ViewBank(bank, targets, view_masks)
 
 
-def to_model_input(preprocess: Preprocess, images: torch.Tensor) -> torch.Tensor:
-    """Normalised batch in channels-last layout (about 2x faster on CPU for these CNNs)."""
-    return preprocess.normalize(images).contiguous(memory_format=torch.channels_last)
+def to_model_input(preprocess: Preprocess, images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """Normalised batch, on the images' device, in channels-last layout by default (about 2x
+    faster on CPU for these CNNs, and what tensor cores want)."""
+    batch = preprocess.normalize(images)
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, images: torch.Tensor, preprocess: Preprocess, batch_size: int = 64
 ) -> torch.Tensor:
-    """Logits of a model in eval mode for (N, 1, S, S) uint8 images."""
+    """Logits (on the CPU) of a model in eval mode for (N, 1, S, S) uint8 images, computed
+    on the model's device."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     out = torch.cat(
-        [model(to_model_input(preprocess, images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        [
+            model(to_model_input(preprocess, images[i : i + batch_size].to(device))).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     )
     set_train_mode(model, was_training)
     return out
@@ -182,6 +203,25 @@ def validation_scores(
     }
 
 
+def _optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the layers a run adds learn at ``lr``, a pretrained backbone at ``lr * backbone_lr_scale``."""
+    new = {id(p) for p in new_layer_parameters(model)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) in new], "lr": cfg.lr},
+        {"params": [p for p in trainable if id(p) not in new], "lr": cfg.lr * cfg.backbone_lr_scale},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _on_device(batch: torch.Tensor, runtime: Runtime) -> torch.Tensor | None:
+    """A batch part on the training device; None for an empty placeholder (no teacher, no mask)."""
+    return batch.to(runtime.device, non_blocking=runtime.pin_memory) if batch.numel() else None
+
+
+LOSS_KEYS = ("loss", "ce", "kd", "at", "mask")
+
+
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -193,13 +233,16 @@ def fit(
     work_dir: Path,
     resume: bool = False,
     desc: str = "train",
+    runtime: Runtime = CPU,
 ) -> FitResult:
     """Train ``model`` (KD when the dataset yields teacher logits), keeping the best
-    validation state (balanced accuracy, then lower validation loss)."""
+    validation state (balanced accuracy, then lower validation loss); on ``runtime``'s device,
+    with its mixed precision, and data-parallel over its ranks (``cfg.batch_size`` is the global
+    batch). Returns with the model on the CPU."""
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / "last.pt"
     seed_everything(cfg.seed)
-    model.to(memory_format=torch.channels_last)
+    model.to(runtime.device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
     weights = class_weights_for(train_labels) if cfg.class_weighting else None
     distiller = Distiller(
         model,
@@ -211,19 +254,18 @@ def fit(
         cfg.freeze_batchnorm,
         cfg.attention_weight,
         cfg.mask_weight,
-    )
+    ).to(runtime.device)
     if cfg.keep not in ("best", "last"):
         raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
-    new = {id(p) for p in new_layer_parameters(model)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) in new], "lr": cfg.lr},
-        {"params": [p for p in trainable if id(p) not in new], "lr": cfg.lr * cfg.backbone_lr_scale},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    per_rank_batch = runtime.per_rank_batch(cfg.batch_size)
+    optimizer = _optimizer_for(model, cfg)
+    sampler = DistributedSampler(
+        train_set, runtime.world_size, runtime.rank, shuffle=True, seed=cfg.seed * 1000, drop_last=runtime.distributed
+    )
+    steps_per_epoch = math.ceil(len(sampler) / per_rank_batch)
     total_steps, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, warmup))
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.grad_scaling)
     result = FitResult({k: v.clone() for k, v in model.state_dict().items()}, 0, (-1.0, 0.0))
     start_epoch = 1
     if resume and state_path.is_file():
@@ -234,74 +276,100 @@ def fit(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
         result = FitResult(saved["best_state"], saved["best_epoch"], tuple(saved["best_score"]), saved["history"])
         start_epoch = saved["epoch"] + 1
-        print(f"[{desc}] resumed after epoch {saved['epoch']}")
+        if runtime.is_main:
+            print(f"[{desc}] resumed after epoch {saved['epoch']}")
+    trainer: nn.Module = distiller
+    if runtime.distributed:  # gradients averaged over ranks; rank 0's weights broadcast first
+        trainer = DistributedDataParallel(
+            distiller, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None
+        )
+    if runtime.is_main:
+        print(f"[{desc}] {describe(runtime, cfg.batch_size, cfg.lr)}", flush=True)
     stale = start_epoch - 1 - result.best_epoch
     for epoch in range(start_epoch, cfg.epochs + 1):
         if cfg.keep == "best" and stale >= cfg.patience:
-            print(f"[{desc}] early stop: no validation gain for {cfg.patience} epochs")
+            if runtime.is_main:
+                print(f"[{desc}] early stop: no validation gain for {cfg.patience} epochs")
             break
         seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seeding makes --resume exact
+        sampler.set_epoch(epoch)
+        if isinstance(train_set, FixedViewBank):
+            train_set.set_epoch(cfg.seed * 1000 + epoch)
         loader = DataLoader(
-            train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size
+            train_set,
+            batch_size=per_rank_batch,
+            sampler=sampler,
+            drop_last=len(train_set) > cfg.batch_size,
+            num_workers=runtime.workers,
+            pin_memory=runtime.pin_memory,
         )
         distiller.train()
-        started, sums, count = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0, "at": 0.0, "mask": 0.0}, 0
-        bar = tqdm(loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False)
+        started, sums, count = time.time(), dict.fromkeys(LOSS_KEYS, 0.0), 0
+        bar = tqdm(loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False, disable=not runtime.is_main)
         for images, targets, teacher_logits, teacher_attention, masks in bar:
-            losses = distiller(
-                to_model_input(preprocess, images),
-                targets,
-                teacher_logits if teacher_logits.numel() else None,
-                teacher_attention if teacher_attention.numel() else None,
-                masks if masks.numel() else None,
-            )
+            inputs = to_model_input(preprocess, _on_device(images, runtime), runtime.channels_last)
+            with runtime.autocast():
+                losses = trainer(
+                    inputs,
+                    _on_device(targets, runtime),
+                    _on_device(teacher_logits, runtime),
+                    _on_device(teacher_attention, runtime),
+                    _on_device(masks, runtime),
+                )
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             for key in sums:
                 sums[key] += losses[key].item() * len(targets)
             count += len(targets)
             bar.set_postfix(loss=f"{sums['loss'] / count:.3f}")
+        *totals, count = sum_across_ranks(runtime, [*sums.values(), float(count)])
+        sums = dict(zip(LOSS_KEYS, totals))
+        scores = validation_scores(model, val_images, val_labels, preprocess) if runtime.is_main else None
         row = {
             "epoch": epoch,
-            "train_loss": sums["loss"] / count,
-            "train_ce": sums["ce"] / count,
-            "train_kd": sums["kd"] / count,
-            "train_at": sums["at"] / count,
-            "train_mask": sums["mask"] / count,
+            **{f"train_{key}": sums[key] / count for key in LOSS_KEYS},
             "lr": scheduler.get_last_lr()[0],
-            **validation_scores(model, val_images, val_labels, preprocess),
+            **from_main(runtime, scores),  # every rank decides on rank 0's numbers
             "seconds": time.time() - started,
         }
         result.history.append(row)
         score = (row["val_balanced_accuracy"], -row["val_loss"])
         improved = score > result.best_score if cfg.keep == "best" else True
         if improved:
-            result.best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             result.best_epoch, result.best_score, stale = epoch, score, 0
         else:
             stale += 1
-        print(
-            f"[{desc}] epoch {epoch}: loss {row['train_loss']:.3f} val_loss {row['val_loss']:.3f} "
-            f"val_bacc {row['val_balanced_accuracy']:.3f} val_acc {row['val_accuracy']:.3f} "
-            f"({row['seconds']:.0f}s){' *best*' if improved else ''}",
-            flush=True,
-        )
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "best_state": result.best_state,
-                "best_epoch": result.best_epoch,
-                "best_score": list(result.best_score),
-                "history": result.history,
-            },
-            state_path,
-        )
+        if runtime.is_main:
+            print(
+                f"[{desc}] epoch {epoch}: loss {row['train_loss']:.3f} val_loss {row['val_loss']:.3f} "
+                f"val_bacc {row['val_balanced_accuracy']:.3f} val_acc {row['val_accuracy']:.3f} "
+                f"({row['seconds']:.0f}s){' *best*' if improved else ''}",
+                flush=True,
+            )
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best_state": result.best_state,
+                    "best_epoch": result.best_epoch,
+                    "best_score": list(result.best_score),
+                    "history": result.history,
+                },
+                state_path,
+            )
+        barrier(runtime)  # the epoch's state is on disk before any rank moves on
     model.load_state_dict(result.best_state)
+    model.to("cpu")
+    result.best_state = {k: v.cpu() for k, v in result.best_state.items()}
     return result

@@ -54,11 +54,12 @@ class Predictor:
 
     @torch.inference_mode()
     def logits_for(self, greys: list[np.ndarray], batch_size: int = 32) -> torch.Tensor:
-        """Raw (uncalibrated) logits for many grey images."""
+        """Raw (uncalibrated) logits (on the CPU) for many grey images, computed on the model's device."""
+        device = next(self.model.parameters()).device
         chunks = []
         for i in range(0, len(greys), batch_size):
             batch = torch.stack([self.preprocess(g) for g in greys[i : i + batch_size]])
-            chunks.append(self.model(batch))
+            chunks.append(self.model(batch.to(device)).float().cpu())
         return torch.cat(chunks)
 
 

@@ -39,7 +39,8 @@ class Preprocess:
     def normalize(self, small: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) or (1, S, S) uint8 -> float, grey replicated to 3 channels, normalised."""
         batch = small.unsqueeze(0) if small.dim() == 3 else small
-        out = (batch.float().expand(-1, 3, -1, -1) - self._mean) / self._std
+        mean, std = self._mean.to(batch.device), self._std.to(batch.device)
+        out = (batch.float().expand(-1, 3, -1, -1) - mean) / std
         return out if small.dim() == 4 else out[0]
 
     def __call__(self, grey: np.ndarray) -> torch.Tensor:

@@ -141,9 +141,11 @@ def test_fixed_view_bank_returns_the_teacher_logits_of_the_view_it_returns():
             attention[i, j] = 10 * i + j
     bank = FixedViewBank(ViewBank(views, targets), logits, attention)
     assert len(bank) == n
-    torch.manual_seed(0)
     seen = set()
-    for _ in range(20):
+    for epoch in range(20):
+        bank.set_epoch(epoch)
+        first_pick = [int(bank[i][0][0, 0, 0]) for i in range(n)]
+        assert [int(bank[i][0][0, 0, 0]) for i in range(n)] == first_pick  # one view per image and epoch
         for i in range(n):
             image, target, teacher, looks, _ = bank[i]
             code = int(image[0, 0, 0])

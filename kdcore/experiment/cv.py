@@ -23,6 +23,7 @@ from kdcore.data import cross_validation_folds, label_indices
 from kdcore.experiment.protocol import BusiData, train_student, train_teacher
 from kdcore.inference import load_predictor
 from kdcore.metrics import evaluate_predictions
+from kdcore.runtime import CPU, Runtime, barrier
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "malignant_recall", "auc_malignant_vs_benign")
 ROLES = ("teacher", "student", "scratch")
@@ -53,16 +54,24 @@ def fold_data(data: BusiData, fold: int, k: int, seed: int = 0) -> BusiData:
 
 
 def train_fold(
-    role: str, recipe: Recipe, data: BusiData, out_path: Path, teacher_path: Path | None, resume: bool
+    role: str,
+    recipe: Recipe,
+    data: BusiData,
+    out_path: Path,
+    teacher_path: Path | None,
+    resume: bool,
+    runtime: Runtime = CPU,
 ) -> Path:
     """One fold's model: a teacher (fresh augmentation) or a student (view bank, KD or scratch).
     Teacher outputs on a student's views are cached beside the fold's teacher, so every student
     recipe with the same views reuses them."""
     train_cfg = replace(recipe.train, keep="last")
     if role == "teacher":
-        return train_teacher(recipe.model, recipe.preprocess, train_cfg, data, out_path, resume)
+        return train_teacher(recipe.model, recipe.preprocess, train_cfg, data, out_path, resume, runtime)
     cache = teacher_path.parent / "work" if teacher_path is not None else None
-    return train_student(recipe.model, recipe.preprocess, train_cfg, data, out_path, teacher_path, resume, cache)
+    return train_student(
+        recipe.model, recipe.preprocess, train_cfg, data, out_path, teacher_path, resume, cache, runtime
+    )
 
 
 def fold_result(checkpoint: Path, data: BusiData) -> dict[str, Any]:
@@ -109,8 +118,10 @@ def run_cv(
     k: int = 5,
     folds: tuple[int, ...] | None = None,
     teacher_cv: str | None = None,
+    runtime: Runtime = CPU,
 ) -> dict[str, Any]:
-    """Cross-validate one recipe; returns (and writes) ``results_dir/NAME.json``."""
+    """Cross-validate one recipe; returns (and writes) ``results_dir/NAME.json``. Under torchrun
+    every rank trains each fold together; rank 0 scores it and writes the results."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if role == "student" and not teacher_cv:
@@ -125,10 +136,13 @@ def run_cv(
         data_k = fold_data(data, fold, k)
         teacher = runs_dir / teacher_cv / f"fold{fold}" if role == "student" else None
         started = time.time()
-        checkpoint = train_fold(role, recipe, data_k, runs_dir / name / f"fold{fold}", teacher, resume=True)
+        checkpoint = train_fold(role, recipe, data_k, runs_dir / name / f"fold{fold}", teacher, True, runtime)
+        if not runtime.is_main:
+            continue
         done[fold] = {"fold": fold, "seconds": round(time.time() - started, 1), **fold_result(checkpoint, data_k)}
         print(f"[cv {name}] fold {fold}: accuracy {done[fold]['accuracy']:.3f}", flush=True)
         _write(out_json, name, role, recipe, k, teacher_cv, [done[f] for f in sorted(done)])
+    barrier(runtime)  # rank 0 has written the results
     return json.loads(out_json.read_text())
 
 

@@ -11,9 +11,10 @@ from kdcore.config import Preset, with_overrides
 from kdcore.experiment import benchmark, reports
 from kdcore.experiment.protocol import BusiData, load_busi, train_student, train_teacher
 from kdcore.experiment.runs import best_by_validation, is_done, student_runs, teacher_candidates, teacher_name
+from kdcore.runtime import CPU, Runtime
 
 
-def train_teachers(preset: Preset, data: BusiData, runs: Path, args: argparse.Namespace) -> Path:
+def train_teachers(preset: Preset, data: BusiData, runs: Path, args: argparse.Namespace, runtime: Runtime) -> Path:
     """Train the preset's teacher and its alternatives; keep the best on validation,
     comparing all of them within the alternatives' epoch budget (same budget for all)."""
     candidates = []
@@ -22,17 +23,18 @@ def train_teachers(preset: Preset, data: BusiData, runs: Path, args: argparse.Na
         if not is_done(path):
             epochs = args.epochs or budget
             train_cfg = with_overrides(preset.teacher_train, epochs=epochs, seed=args.seed)
-            train_teacher(cfg, preset.teacher_preprocess, train_cfg, data, path, resume=True)
+            train_teacher(cfg, preset.teacher_preprocess, train_cfg, data, path, resume=True, runtime=runtime)
         candidates.append(path)
     return best_by_validation(candidates, preset.alternative_epochs)
 
 
-def run_all(preset: Preset, args: argparse.Namespace) -> None:
-    """Teacher(s) -> students (KD and scratch, every seed) -> ship best -> reports."""
+def run_all(preset: Preset, args: argparse.Namespace, runtime: Runtime = CPU) -> None:
+    """Teacher(s) -> students (KD and scratch, every seed) -> ship best -> reports (rank 0)."""
     runs = Path(args.runs) / preset.name
     data = load_busi(args.data, args.split_file, args.allow_data_mismatch, args.subset)
-    teacher = train_teachers(preset, data, runs, args)
-    print(f"teacher selected on validation: {teacher.name}", flush=True)
+    teacher = train_teachers(preset, data, runs, args, runtime)
+    if runtime.is_main:
+        print(f"teacher selected on validation: {teacher.name}", flush=True)
     seeds = tuple(args.seeds) if args.seeds else preset.seeds
     for run in student_runs(preset, seeds, args.epochs, not args.skip_extra):
         path = runs / run.name
@@ -45,8 +47,10 @@ def run_all(preset: Preset, args: argparse.Namespace) -> None:
                 path,
                 teacher if run.with_teacher else None,
                 resume=True,
+                runtime=runtime,
             )
-    write_reports(preset, args, data)
+    if runtime.is_main:
+        write_reports(preset, args, data)
 
 
 def ship(teacher: Path, student: Path, ship_dir: Path) -> None:
@@ -71,8 +75,9 @@ def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | Non
         )
         if is_done(runs / r.name)
     ]
-    mobilenets = [runs / r.name for r in done if r.row.startswith("mobilenetv3")]
-    student = best_by_validation(mobilenets)
+    # The shipped student is a distilled one (the scratch runs are the ablation it is compared with).
+    distilled = [runs / r.name for r in done if r.row == "mobilenetv3_kd"]
+    student = best_by_validation(distilled)
     ship_dir, reports_dir = Path(args.ship_dir), Path(args.reports)
     ship(teacher, student, ship_dir)
     efficiency = benchmark.write_benchmark(

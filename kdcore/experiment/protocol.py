@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from kdcore.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint, write_record
+from kdcore.checkpoint import CheckpointMeta, checkpoint_paths, load_checkpoint, save_checkpoint, write_record
 from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig
 from kdcore.data import (
     DataIntegrityError,
@@ -37,6 +37,7 @@ from kdcore.engine import (
     ViewBank,
     build_view_bank,
     fit,
+    model_device,
     predict_logits,
     seed_everything,
     to_model_input,
@@ -54,6 +55,7 @@ from kdcore.metrics import (
 from kdcore.models import WeightsError, build_model, feature_map_side, load_tensor_file, map_and_logits
 from kdcore.operating_point import POSITIVE_CLASS, OperatingPoint, choose_operating_point
 from kdcore.probe import fit_probe_head
+from kdcore.runtime import CPU, Runtime, barrier, main_first
 from kdcore.transforms import Preprocess, UltrasoundAugment, resize_views
 
 SPLITS = ("train", "val", "test")
@@ -149,6 +151,7 @@ def _fit_and_save(
     half: bool,
     teacher_weights_sha256: str = "",
     history_before: list[dict[str, float]] | None = None,
+    runtime: Runtime = CPU,
 ) -> Path:
     """Train on ``train_set`` (best state on validation), calibrate on validation, save;
     ``history_before``: rows of an earlier stage (a probe) kept at the head of the history."""
@@ -163,10 +166,11 @@ def _fit_and_save(
         out_path.parent / "work" / out_path.name,
         resume,
         desc=out_path.name,
+        runtime=runtime,
     )
     result.history[:0] = history_before or []
     return _calibrate_and_save(model, result, model_cfg, preprocess_cfg, train_cfg, data, out_path, role, half,
-                               teacher_weights_sha256)  # fmt: skip
+                               teacher_weights_sha256, runtime)  # fmt: skip
 
 
 def _calibrate_and_save(
@@ -180,8 +184,14 @@ def _calibrate_and_save(
     role: str,
     half: bool,
     teacher_weights_sha256: str = "",
+    runtime: Runtime = CPU,
 ) -> Path:
-    """Temperature on validation, then the weights and their record."""
+    """Temperature on validation, then the weights and their record (rank 0 writes them; the
+    other ranks wait until they are on disk)."""
+    weights_path, _ = checkpoint_paths(out_path)
+    if not runtime.is_main:
+        barrier(runtime)
+        return weights_path
     preprocess = Preprocess(preprocess_cfg)
     model = model.to(memory_format=torch.contiguous_format).eval()
     temperature, calibration, point = _calibrate(model, data, preprocess)
@@ -199,8 +209,11 @@ def _calibrate_and_save(
         history=tuple(result.history),
         teacher_weights_sha256=teacher_weights_sha256,
         operating_point=point,
+        runtime=runtime.record(),
     )
-    return save_checkpoint(out_path, model, meta, half=half)
+    save_checkpoint(out_path, model, meta, half=half)
+    barrier(runtime)
+    return weights_path
 
 
 HEAD_FITS = ("sgd", "probe", "probe_sgd")
@@ -213,6 +226,7 @@ def train_teacher(
     data: BusiData,
     out_path: Path,
     resume: bool = False,
+    runtime: Runtime = CPU,
 ) -> Path:
     """Train the teacher with fresh augmentation every epoch; or (``head_fit=probe``) fit an
     ensemble's linear head in one go on its ImageNet features; or (``probe_sgd``) both, the
@@ -230,14 +244,14 @@ def train_teacher(
         )  # fmt: skip
         if train_cfg.head_fit == "probe":
             return _calibrate_and_save(
-                model, probed, model_cfg, preprocess_cfg, train_cfg, data, out_path, "teacher", True
+                model, probed, model_cfg, preprocess_cfg, train_cfg, data, out_path, "teacher", True, runtime=runtime
             )
         probe_rows = probed.history
     augment = UltrasoundAugment(train_cfg.augment, size)
     train_set = OnlineAugmented(data.images("train", size), data.labels["train"], augment)
     return _fit_and_save(
         model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, "teacher", True,
-        history_before=probe_rows,
+        history_before=probe_rows, runtime=runtime,
     )  # fmt: skip
 
 
@@ -247,13 +261,13 @@ def teacher_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, C) and attention maps (B, side*side) of the teacher on (B, 1, S, S) uint8 views,
     resized to the teacher's input size first when it differs (the same view, seen by both)."""
-    size = preprocess.cfg.input_size
+    size, device = preprocess.cfg.input_size, model_device(teacher)
     logits, attention = [], []
     for chunk in views.split(batch_size):
         chunk = chunk if chunk.shape[-1] == size else resize_views(chunk, size)
-        feature_map, chunk_logits = map_and_logits(teacher, to_model_input(preprocess, chunk))
-        logits.append(chunk_logits)
-        attention.append(attention_map(feature_map, attention_side))
+        feature_map, chunk_logits = map_and_logits(teacher, to_model_input(preprocess, chunk.to(device)))
+        logits.append(chunk_logits.float().cpu())
+        attention.append(attention_map(feature_map, attention_side).float().cpu())
     return torch.cat(logits), torch.cat(attention)
 
 
@@ -291,7 +305,7 @@ def resumable_teacher_outputs(
 
 
 def teacher_view_outputs(
-    teacher_path: Path, views: torch.Tensor, cache: Path, attention_side: int
+    teacher_path: Path, views: torch.Tensor, cache: Path, attention_side: int, device: torch.device = CPU.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, V, C) teacher logits and (N, V, side*side) attention maps on the fixed views, cached
     by teacher, view-bank hash and attention size (resumable while being computed)."""
@@ -301,7 +315,7 @@ def teacher_view_outputs(
 
     def compute() -> dict[str, torch.Tensor]:
         teacher, meta = load_checkpoint(teacher_path)
-        teacher.to(memory_format=torch.channels_last)
+        teacher.to(device, memory_format=torch.channels_last)
         flat = views.reshape(-1, *views.shape[2:])
         cache.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_name(cache_file.stem + ".partial.pt")
@@ -369,24 +383,29 @@ def train_student(
     teacher_path: Path | None,
     resume: bool = False,
     cache_dir: Path | None = None,
+    runtime: Runtime = CPU,
 ) -> Path:
     """Student on fixed augmented views; with ``teacher_path`` it is distilled (KD),
     without it the same recipe minus the teacher (the ablation). Teacher outputs on the views
-    are cached in ``cache_dir`` (default: ``work/`` beside ``out_path``)."""
+    are cached in ``cache_dir`` (default: ``work/`` beside ``out_path``); under torchrun rank 0
+    builds the caches and the other ranks read them."""
     cache = cache_dir if cache_dir is not None else out_path.parent / "work"
-    bank = cached_view_bank(data, preprocess_cfg.input_size, train_cfg, cache)
+    bank = main_first(runtime, lambda: cached_view_bank(data, preprocess_cfg.input_size, train_cfg, cache))
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
     logits = attention = None
     if teacher_path is not None:  # the teacher's maps are pooled to the size of the student's
         side = feature_map_side(model, preprocess_cfg.input_size)
-        logits, attention = teacher_view_outputs(teacher_path, bank.views, cache, side)
+        logits, attention = main_first(
+            runtime, lambda: teacher_view_outputs(teacher_path, bank.views, cache, side, runtime.device)
+        )
     train_set = FixedViewBank(bank, logits, attention)
     teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""
     role = "student_kd" if teacher_path else "student_scratch"
     return _fit_and_save(
-        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, role, False, teacher_sha
-    )
+        model, train_set, model_cfg, preprocess_cfg, train_cfg, data, out_path, resume, role, False, teacher_sha,
+        runtime=runtime,
+    )  # fmt: skip
 
 
 def evaluation_records(data_dir: Path, split_file: Path) -> list[ImageRecord]:
@@ -421,9 +440,10 @@ def predict_records(predictor: Predictor, root: Path, records: list[ImageRecord]
     return predictor.probabilities(logits).numpy()
 
 
-def set_operating_point(checkpoint: Path, data: BusiData) -> OperatingPoint:
+def set_operating_point(checkpoint: Path, data: BusiData, device: torch.device = CPU.device) -> OperatingPoint:
     """Choose ``checkpoint``'s operating point on the validation split and store it in its record."""
     predictor = load_predictor(checkpoint)
+    predictor.model.to(device)
     labels = data.labels["val"].numpy()
     probs = predictor.probabilities(predictor.logits_for(data.greys["val"])).numpy()
     point = validation_operating_point(probs, labels)
@@ -431,9 +451,12 @@ def set_operating_point(checkpoint: Path, data: BusiData) -> OperatingPoint:
     return point
 
 
-def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split_file: Path, out_json: Path | None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: Path, data_dir: Path, split_file: Path, out_json: Path | None, device: torch.device = CPU.device
+) -> dict[str, Any]:
     """Evaluation JSON (+ Markdown table and confusion-matrix PNG beside ``out_json``)."""
     predictor = load_predictor(checkpoint)
+    predictor.model.to(device)
     records = evaluation_records(data_dir, split_file)
     probs = predict_records(predictor, data_dir, records)
     y_true = label_indices(records).numpy()
