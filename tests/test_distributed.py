@@ -4,6 +4,7 @@ weights as one process with the same global batch, and resumes from its saved ep
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,33 @@ def test_two_gloo_processes_train_the_weights_of_one_process_and_resume(busi_dir
     history = CheckpointMeta.read(two).history
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[0] == record.history[0]  # epoch 1 was not trained again
+
+
+def test_cross_validation_with_kd_caches_runs_unchanged_under_torchrun(busi_dir, tmp_path):
+    """A teacher CV fold, then a KD student fold learning from it, both on 2 gloo processes:
+    rank 0 builds the view bank and the teacher outputs once, writes the results once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    common = [
+        "--data", str(busi_dir), "--subset", "24", "--epochs", "1", "--k", "2", "--folds", "0",
+        "--runs", str(tmp_path / "runs"), "--reports", str(tmp_path / "reports"),
+    ]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(TRAIN_PY)]
+    for role in (["--name", "t", "--role", "teacher"], ["--name", "s", "--role", "student", "--teacher-cv", "t"]):
+        extra = ["--set", "views_per_image=2", "mixup_views=2", "attention_weight=1"] if "student" in role else []
+        result = subprocess.run(
+            [*launcher, "cv", *role, *common, *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("fold 0: accuracy") == 1  # rank 0 reports, once
+    work = tmp_path / "runs" / "t" / "work"
+    assert len(list(work.glob("view_bank_*.pt"))) == 1 and len(list(work.glob("teacher_outputs_*.pt"))) == 1
+    student = CheckpointMeta.read(tmp_path / "runs" / "s" / "fold0")
+    assert student.runtime["world_size"] == 2 and student.history[0]["train_kd"] > 0
+    assert student.history[0]["train_at"] > 0
+    for name in ("t", "s"):
+        assert len(json.loads((tmp_path / "reports" / "cv" / f"{name}.json").read_text())["folds"]) == 1

@@ -128,8 +128,7 @@ def run_cv(
         raise ValueError("a KD student needs --teacher-cv NAME: the CV run whose fold teachers it learns from")
     results_dir.mkdir(parents=True, exist_ok=True)
     out_json = results_dir / f"{name}.json"
-    previous = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    done = {f["fold"]: f for f in previous.get("folds", [])}
+    done = completed_folds(out_json)
     for fold in folds if folds is not None else range(k):
         if fold in done:
             continue
@@ -139,11 +138,19 @@ def run_cv(
         checkpoint = train_fold(role, recipe, data_k, runs_dir / name / f"fold{fold}", teacher, True, runtime)
         if not runtime.is_main:
             continue
-        done[fold] = {"fold": fold, "seconds": round(time.time() - started, 1), **fold_result(checkpoint, data_k)}
-        print(f"[cv {name}] fold {fold}: accuracy {done[fold]['accuracy']:.3f}", flush=True)
+        result = {"fold": fold, "seconds": round(time.time() - started, 1), **fold_result(checkpoint, data_k)}
+        print(f"[cv {name}] fold {fold}: accuracy {result['accuracy']:.3f}", flush=True)
+        # Folds may run in parallel processes (--folds): merge with what they wrote meanwhile.
+        done = {**completed_folds(out_json), fold: result}
         _write(out_json, name, role, recipe, k, teacher_cv, [done[f] for f in sorted(done)])
     barrier(runtime)  # rank 0 has written the results
     return json.loads(out_json.read_text())
+
+
+def completed_folds(out_json: Path) -> dict[int, dict[str, Any]]:
+    """The folds already in a CV result file, by fold number."""
+    previous = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    return {f["fold"]: f for f in previous.get("folds", [])}
 
 
 def _write(
