@@ -292,9 +292,8 @@ def video_frame_at(models: LoadedModels, review: ClipReview | None, seconds: flo
     except (VideoReadError, OSError) as exc:
         raise gr.Error(f"That frame cannot be shown any more ({exc}); upload the clip again.") from exc
     prediction, heatmap = models.student_cam.predict_with_cam(grey)
-    result = FrameResult(index, index / review.info.fps, prediction.label, prediction.probabilities,
-                         prediction.latency_ms)  # fmt: skip
-    return overlay_heatmap(grey, heatmap, opacity), frame_status(result, review.info)
+    status = frame_status(FrameResult.of(index, review.info.fps, prediction), review.info)
+    return overlay_heatmap(grey, heatmap, opacity), status
 
 
 def analyse_batch(

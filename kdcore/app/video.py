@@ -14,6 +14,7 @@ import pandas as pd
 
 from kdcore.cam_predictor import CamPredictor
 from kdcore.imaging import ImageReadError, colour_share, grey_from_bgr, not_bmode_warning
+from kdcore.inference import Prediction
 from kdcore.overlay import overlay_heatmap
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".gif", ".webm", ".mkv")
@@ -55,6 +56,11 @@ class FrameResult:
     label: str
     probabilities: dict[str, float]
     latency_ms: float
+
+    @classmethod
+    def of(cls, index: int, fps: float, prediction: Prediction) -> FrameResult:
+        """Frame ``index`` of a clip at ``fps`` and the student's prediction on it."""
+        return cls(index, index / fps, prediction.label, prediction.probabilities, prediction.latency_ms)
 
 
 def probe_clip(path: str | Path) -> ClipInfo:
@@ -105,8 +111,7 @@ def analyse_clip(
     """(RGB overlay frame, result) for each analysed frame, in order."""
     for index, grey in enumerate(iter_grey_frames(path, info)):
         prediction, heatmap = cam_predictor.predict_with_cam(grey)
-        result = FrameResult(index, index / info.fps, prediction.label, prediction.probabilities, prediction.latency_ms)
-        yield overlay_heatmap(grey, heatmap, opacity), result
+        yield overlay_heatmap(grey, heatmap, opacity), FrameResult.of(index, info.fps, prediction)
 
 
 def read_frame(path: str | Path, info: ClipInfo, index: int) -> np.ndarray:
