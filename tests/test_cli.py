@@ -392,6 +392,12 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
     train_files = {r.file for r in read_split_file(DEFAULT_SPLIT_FILE) if r.split in ("train", "val")}
     assert set(fold["files"]) <= train_files  # never a test image
     assert result["recipe"]["train"]["epochs"] == 1
+    from kdcore.operating_point import sensitivity_specificity
+
+    y, p = np.array([CLASS_NAMES.index(x) for x in fold["labels"]]), np.array(fold["probabilities"])
+    sens_spec = [sensitivity_specificity(p[:, 1], y == 1, t) for t in sorted(set(p[:, 1]))]
+    best = max(spec for sens, spec in sens_spec if sens >= 0.9)  # the highest threshold reaching 0.90
+    assert result["pooled"]["specificity_at_sensitivity_0.90"] == best
 
     code, _, err = run_main(
         capsys, "cv", "--name", "s", "--role", "student", "--teacher-cv", "t", *common, *places, "--set", "alpha=0.3",
