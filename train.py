@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: progress bars on rank 0 only
+    os.environ.setdefault("TQDM_DISABLE", "1")  # (tqdm reads it when imported, so before kdcore)
 
 from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, PRESETS, REPO_ROOT, Preset, Recipe, get_preset
 

@@ -146,8 +146,6 @@ def resolve_runtime(cfg: RuntimeConfig, env: dict[str, str] | None = None) -> Ru
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
-    if rank != 0:
-        os.environ["TQDM_DISABLE"] = "1"  # progress bars on rank 0 only
     pin = device.type == "cuda" if cfg.pin_memory is None else cfg.pin_memory
     amp_dtype = resolve_amp(cfg.amp, device)
     return Runtime(device, amp_dtype, cfg.channels_last, pin, cfg.workers, rank, local_rank, world_size)
