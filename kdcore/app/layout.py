@@ -170,7 +170,11 @@ def comparison_panel(prefix: str) -> ComparisonPanel:
                         elem_id=f"{prefix}-{role}-overlay",
                     )
                 )
-                labels.append(gr.Label(label=f"{role.capitalize()} probabilities", num_top_classes=3))
+                # No heading: the verdict (the operating point's rule, not always the top class)
+                # is the line above; a second, argmax heading could contradict it.
+                labels.append(
+                    gr.Label(label=f"{role.capitalize()} probabilities", num_top_classes=3, show_heading=False)
+                )
     gr.HTML(colour_scale_html(), elem_id=f"{prefix}-cam-scale")
     agreement = gr.Markdown(elem_id=f"{prefix}-agreement")
     return ComparisonPanel(summaries, labels, overlays, agreement)
@@ -258,7 +262,9 @@ def _live_tab(models: LoadedModels) -> None:
                 elem_id="live-stream",
             )
         with gr.Column(scale=1):
-            live_label = gr.Label(label="Student (live)", num_top_classes=3, elem_id="live-label")
+            live_label = gr.Label(
+                label="Student (live) probabilities", num_top_classes=3, show_heading=False, elem_id="live-label"
+            )
             live_stats = gr.Markdown("Press the camera button to start.", elem_id="live-stats")
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             smoothing = gr.Slider(0.0, 0.95, value=0.6, step=0.05, label="Temporal smoothing of probabilities")
