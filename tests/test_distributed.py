@@ -19,11 +19,11 @@ from kdcore.config import REPO_ROOT
 from kdcore.runtime import Runtime, RuntimeConfig, resolve_amp, resolve_device, resolve_runtime
 
 TRAIN_PY = REPO_ROOT / "train.py"
-# Tiny and deterministic: 16 training images, 2 steps of a global batch of 8 per epoch; no
+# Tiny and deterministic: 18 training images, 2 steps of a global batch of 8 per epoch; no
 # dropout, BatchNorm frozen (per-rank batch statistics would differ from the whole batch's)
 # and no class weighting (a weighted mean per rank is not the weighted mean of the batch).
 RECIPE = [
-    "--subset", "16", "--epochs", "1",
+    "--subset", "18", "--epochs", "1",
     "--set", "batch_size=8", "views_per_image=2", "mixup_views=0", "model.dropout=0.0",
     "freeze_batchnorm=true", "class_weighting=false", "warmup_epochs=0",
 ]  # fmt: skip
