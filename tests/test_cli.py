@@ -451,3 +451,21 @@ def test_model_card_describes_the_teacher_from_its_record(tiny_checkpoints):
     text = teacher_description(probe)
     assert "tf_efficientnet_lite0 + tf_efficientnet_lite2" in text and "backbones frozen" in text
     assert "logistic regression" in text and "mirrored" in text and "hybrid" not in text
+
+
+def test_one_view_bank_serves_scratch_kd_and_mask_guided_students(busi_dir, tmp_path):
+    """Masks travel with every bank, so a mask-guided recipe sees the views (and teacher
+    outputs) of the plain one: the ablation compares losses, not views."""
+    from dataclasses import replace
+
+    from kdcore.config import OFFLINE
+    from kdcore.experiment.protocol import cached_view_bank
+
+    data = load_busi(busi_dir, DEFAULT_SPLIT_FILE, subset=6)
+    plain_cfg = replace(OFFLINE.student_train, views_per_image=2, mixup_views=1)
+    plain = cached_view_bank(data, 64, plain_cfg, tmp_path)
+    guided = cached_view_bank(data, 64, replace(plain_cfg, mask_weight=1.0, attention_weight=1.0), tmp_path)
+    assert len(list(tmp_path.glob("view_bank_*.pt"))) == 1
+    assert torch.equal(plain.views, guided.views) and plain.masks is not None
+    lesion = [i for i, r in enumerate(data.records["train"]) if r.label != "normal"][0]
+    assert plain.masks[lesion, 0].any() and not plain.masks[:, -1].any()  # plain view has its mask; mixup none

@@ -352,13 +352,15 @@ BANK_SEED = 12345  # the same views for every student, KD or not: a fair ablatio
 
 
 def cached_view_bank(data: BusiData, size: int, train_cfg: TrainConfig, cache: Path) -> ViewBank:
-    """The student's view bank, built once per (images, augmentation, views, masks) and cached:
-    every student recipe with the same views (scratch, KD, KD + extras) reuses the file."""
+    """The student's view bank, built once per (images, augmentation, views) and cached: every
+    student recipe with the same views (scratch, KD, KD + attention or mask guidance) reuses the
+    file and the teacher's outputs on it. The lesion masks always travel with the views (moving
+    them does not change the views), whether or not a recipe uses them."""
     images = data.images("train", size)
-    masks = data.lesion_masks("train", size) if train_cfg.mask_weight > 0 else None
+    masks = data.lesion_masks("train", size)
     settings = (train_cfg.augment, train_cfg.views_per_image, train_cfg.mixup_views, train_cfg.mixup_alpha, BANK_SEED)
     digest = hashlib.sha256(repr(settings).encode())
-    for tensor in (images, data.labels["train"], *([masks] if masks is not None else [])):
+    for tensor in (images, data.labels["train"], masks):
         digest.update(tensor.numpy().tobytes())
     cache_file = cache / f"view_bank_{digest.hexdigest()[:16]}.pt"
 
@@ -368,10 +370,10 @@ def cached_view_bank(data: BusiData, size: int, train_cfg: TrainConfig, cache: P
             images, data.labels["train"], augment, train_cfg.views_per_image, BANK_SEED,
             train_cfg.mixup_views, train_cfg.mixup_alpha, masks,
         )  # fmt: skip
-        return {"views": bank.views, "targets": bank.targets, **({"masks": bank.masks} if masks is not None else {})}
+        return {"views": bank.views, "targets": bank.targets, "masks": bank.masks}
 
-    saved = cached_tensors(cache_file, compute, ("views", "targets"), "view-bank")
-    return ViewBank(saved["views"], saved["targets"], saved.get("masks"))
+    saved = cached_tensors(cache_file, compute, ("views", "targets", "masks"), "view-bank")
+    return ViewBank(saved["views"], saved["targets"], saved["masks"])
 
 
 def train_student(
@@ -399,6 +401,8 @@ def train_student(
         logits, attention = main_first(
             runtime, lambda: teacher_view_outputs(teacher_path, bank.views, cache, side, runtime.device)
         )
+    if train_cfg.mask_weight <= 0:
+        bank = replace(bank, masks=None)  # the recipe does not use them: not batched either
     train_set = FixedViewBank(bank, logits, attention)
     teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""
     role = "student_kd" if teacher_path else "student_scratch"
