@@ -4,6 +4,7 @@ with optional mixed precision, and data-parallel over the ranks of a torchrun la
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -61,6 +62,7 @@ class ViewBank:
     views: torch.Tensor
     targets: torch.Tensor
     masks: torch.Tensor | None = None
+    plain_views: int = 0  # the first views of each image, made from it alone (seeded by the image): 0 if not
 
 
 class FixedViewBank(Dataset):
@@ -107,12 +109,16 @@ def build_view_bank(
     mixup_views: int = 0,
     mixup_alpha: float = 0.4,
     masks: torch.Tensor | None = None,
+    image_keys: list[str] | None = None,
 ) -> ViewBank:
     """View 0 is the plain image, views 1..V-1 seeded augmentations; then ``mixup_views`` views
     that blend an augmentation of the image with one of another random image (weight
     lambda >= 0.5 on this image, lambda ~ Beta(alpha, alpha)), targets mixed alike. Mixup views
     widen where the student matches the teacher's function (Beyer et al., CVPR 2022). With
-    (N, 1, S, S) lesion ``masks``, each plain view's mask is moved with it."""
+    (N, 1, S, S) lesion ``masks``, each plain view's mask is moved with it. With ``image_keys``
+    (e.g. the images' sha256) each image's views are seeded by ``seed`` and its key alone, so an
+    image has the same plain views in every fold (``plain_views``); mixup views still depend on
+    the other images."""
     seed_everything(seed)
     n, classes = len(images), len(CLASS_NAMES)
     bank = torch.empty((n, views + mixup_views, *images.shape[1:]), dtype=torch.uint8)
@@ -121,6 +127,8 @@ def build_view_bank(
     one_hot = F.one_hot(labels, classes).float()
     beta = torch.distributions.Beta(mixup_alpha, mixup_alpha)
     for i, image in enumerate(tqdm(images, desc="augmented views", leave=False)):
+        if image_keys is not None:
+            seed_everything(int(hashlib.sha256(f"{seed}:{image_keys[i]}".encode()).hexdigest()[:15], 16))
         bank[i, 0], targets[i, :views] = image, one_hot[i]
         if view_masks is not None:
             view_masks[i, 0] = masks[i]
@@ -136,7 +144,7 @@ def build_view_bank(
             mixed = lam * augment(image).float() + (1 - lam) * augment(images[j]).float()
             bank[i, v] = mixed.round().clamp(0, 255).to(torch.uint8)
             targets[i, v] = lam * one_hot[i] + (1 - lam) * one_hot[j]
-    return ViewBank(bank, targets, view_masks)
+    return ViewBank(bank, targets, view_masks, views if image_keys is not None else 0)
 
 
 def to_model_input(preprocess: Preprocess, images: torch.Tensor, channels_last: bool = True) -> torch.Tensor:

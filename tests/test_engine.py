@@ -282,9 +282,9 @@ def test_initial_weights_follow_the_seed(data, tmp_path, monkeypatch):
 
 def test_teacher_outputs_resume_after_an_interruption(tiny_checkpoints, tmp_path, monkeypatch):
     """A killed run keeps the blocks it finished; the rerun computes only the rest, same result."""
-    from kdcore.experiment import protocol
+    from kdcore.experiment import teacher_outputs as protocol
 
-    views = torch.randint(0, 255, (5, 2, 1, 64, 64), dtype=torch.uint8)
+    views = ViewBank(torch.randint(0, 255, (5, 2, 1, 64, 64), dtype=torch.uint8), torch.zeros(5, 2, 3))
     expected, expected_attention = protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "a", 3)
     monkeypatch.setattr(protocol, "PARTIAL_EVERY_VIEWS", 4)
     real, calls, killed = protocol.teacher_outputs, [], []

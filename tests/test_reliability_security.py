@@ -33,7 +33,8 @@ from kdcore.app.service import load_models
 from kdcore.checkpoint import CheckpointError
 from kdcore.config import REPO_ROOT
 from kdcore.data import sha256_file
-from kdcore.experiment.protocol import teacher_view_outputs
+from kdcore.engine import ViewBank
+from kdcore.experiment.teacher_outputs import teacher_view_outputs
 from kdcore.inference import load_predictor
 
 
@@ -103,7 +104,7 @@ def test_pickle_init_weights_are_refused_by_training(tmp_path, command, capsys):
 def test_poisoned_teacher_logit_cache_is_recomputed_not_run(tmp_path, tiny_checkpoints, damage, capsys):
     marker = tmp_path / "code_ran"
     side = json.loads(tiny_checkpoints["teacher"].with_suffix(".json").read_text())["preprocess"]["input_size"]
-    views = torch.zeros(1, 1, 1, side, side, dtype=torch.uint8)
+    views = ViewBank(torch.zeros(1, 1, 1, side, side, dtype=torch.uint8), torch.zeros(1, 1, 3))
     genuine, _ = teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path, 7)  # writes the cache file
     (cache_file,) = tmp_path.glob("teacher_outputs_*.pt")
     good_bytes = cache_file.read_bytes()

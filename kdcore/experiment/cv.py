@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdcore.checkpoint import checkpoint_paths
 from kdcore.config import CLASS_NAMES, Recipe
 from kdcore.data import cross_validation_folds, label_indices
 from kdcore.experiment.protocol import BusiData, train_student, train_teacher
@@ -143,9 +144,12 @@ def run_cv(
     results_dir.mkdir(parents=True, exist_ok=True)
     out_json = results_dir / f"{name}.json"
     done = completed_folds(out_json)
-    for fold in folds if folds is not None else range(k):
-        if fold in done:
-            continue
+    if done:
+        _check_same_recipe(out_json, role, recipe, k, teacher_cv)
+    todo = [fold for fold in (folds if folds is not None else range(k)) if fold not in done]
+    if role == "student":
+        _check_fold_teachers(runs_dir / teacher_cv, todo)
+    for fold in todo:
         data_k = fold_data(data, fold, k)
         teacher = runs_dir / teacher_cv / f"fold{fold}" if role == "student" else None
         started = time.time()
@@ -159,6 +163,34 @@ def run_cv(
         _write(out_json, name, role, recipe, k, teacher_cv, [done[f] for f in sorted(done)])
     barrier(runtime)  # rank 0 has written the results
     return json.loads(out_json.read_text())
+
+
+def _check_fold_teachers(teacher_runs: Path, folds: list[int]) -> None:
+    """Fail before any work when a fold teacher is missing (its CV results may be committed
+    while its models, being intermediate runs, are not)."""
+    missing = [f for f in folds if not checkpoint_paths(teacher_runs / f"fold{f}")[0].is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no fold teacher for folds {missing} in {teacher_runs}: train them with "
+            f"`train.py cv --name {teacher_runs.name} --role teacher ...` (its recipe is in "
+            f"reports/cv/{teacher_runs.name}.json; pass --reports to another folder if its results exist)"
+        )
+
+
+def _check_same_recipe(out_json: Path, role: str, recipe: Recipe, k: int, teacher_cv: str | None) -> None:
+    """Refuse to add folds of another recipe to a result file (its mean would mix two recipes)."""
+    previous = json.loads(out_json.read_text())
+    changed = [key for key, value in {"role": role, "k": k, "teacher_cv": teacher_cv}.items() if previous[key] != value]
+    now, before = json.loads(json.dumps(asdict(recipe))), previous["recipe"]
+    changed += [
+        f"{section}.{key}" for section, values in now.items() for key, value in values.items()
+        if before.get(section, {}).get(key) != value
+    ]  # fmt: skip
+    if changed:
+        raise ValueError(
+            f"{out_json} holds folds of another recipe ({', '.join(changed)} differ): give this "
+            "recipe a new --name, or the --set values of the folds already there"
+        )
 
 
 def completed_folds(out_json: Path) -> dict[int, dict[str, Any]]:

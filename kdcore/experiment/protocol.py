@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from kdcore.checkpoint import CheckpointMeta, checkpoint_paths, load_checkpoint, save_checkpoint, write_record
+from kdcore.checkpoint import CheckpointMeta, checkpoint_paths, save_checkpoint, write_record
 from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, TrainConfig
 from kdcore.data import (
     DataIntegrityError,
@@ -29,7 +27,6 @@ from kdcore.data import (
     resized_masks,
     verify_files,
 )
-from kdcore.distill import attention_map
 from kdcore.engine import (
     FitResult,
     FixedViewBank,
@@ -37,11 +34,10 @@ from kdcore.engine import (
     ViewBank,
     build_view_bank,
     fit,
-    model_device,
     predict_logits,
     seed_everything,
-    to_model_input,
 )
+from kdcore.experiment.teacher_outputs import cached_tensors, teacher_view_outputs
 from kdcore.hashing import sha256_file
 from kdcore.imaging import read_grey_image
 from kdcore.inference import Predictor, load_predictor
@@ -52,11 +48,11 @@ from kdcore.metrics import (
     markdown_table,
     plot_confusion_matrix,
 )
-from kdcore.models import WeightsError, build_model, feature_map_side, load_tensor_file, map_and_logits
+from kdcore.models import build_model, feature_map_side
 from kdcore.operating_point import POSITIVE_CLASS, OperatingPoint, choose_operating_point
 from kdcore.probe import fit_probe_head
 from kdcore.runtime import CPU, Runtime, barrier, main_first
-from kdcore.transforms import Preprocess, UltrasoundAugment, resize_views
+from kdcore.transforms import Preprocess, UltrasoundAugment
 
 SPLITS = ("train", "val", "test")
 
@@ -255,99 +251,6 @@ def train_teacher(
     )  # fmt: skip
 
 
-@torch.no_grad()
-def teacher_outputs(
-    teacher: torch.nn.Module, views: torch.Tensor, preprocess: Preprocess, attention_side: int, batch_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (B, C) and attention maps (B, side*side) of the teacher on (B, 1, S, S) uint8 views,
-    resized to the teacher's input size first when it differs (the same view, seen by both)."""
-    size, device = preprocess.cfg.input_size, model_device(teacher)
-    logits, attention = [], []
-    for chunk in views.split(batch_size):
-        chunk = chunk if chunk.shape[-1] == size else resize_views(chunk, size)
-        feature_map, chunk_logits = map_and_logits(teacher, to_model_input(preprocess, chunk.to(device)))
-        logits.append(chunk_logits.float().cpu())
-        attention.append(attention_map(feature_map, attention_side).float().cpu())
-    return torch.cat(logits), torch.cat(attention)
-
-
-PARTIAL_EVERY_VIEWS = 2048  # teacher outputs are saved this often, so a killed run resumes
-
-
-def resumable_teacher_outputs(
-    teacher: torch.nn.Module, views: torch.Tensor, preprocess: Preprocess, attention_side: int, partial: Path
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``teacher_outputs`` over many views in blocks, with a progress bar; after each block the
-    outputs so far go to ``partial``, and a rerun continues from there (the file is removed at
-    the end). On 2 cores an ensemble teacher needs about an hour for 10,000 views."""
-    done: dict[str, torch.Tensor] = {"logits": torch.empty(0), "attention": torch.empty(0)}
-    if partial.is_file():
-        try:
-            saved = load_tensor_file(partial)
-            if isinstance(saved, dict) and {"logits", "attention"} <= set(saved):
-                done = saved
-        except WeightsError as exc:
-            print(f"warning: ignoring partial teacher outputs {partial}: {exc}")
-    blocks = [done["logits"]] if len(done["logits"]) else []
-    maps = [done["attention"]] if len(done["attention"]) else []
-    start = len(done["logits"])
-    with tqdm(total=len(views), initial=start, desc="teacher outputs on the views") as bar:
-        for first in range(start, len(views), PARTIAL_EVERY_VIEWS):
-            block_logits, block_maps = teacher_outputs(
-                teacher, views[first : first + PARTIAL_EVERY_VIEWS], preprocess, attention_side
-            )
-            blocks.append(block_logits)
-            maps.append(block_maps)
-            torch.save({"logits": torch.cat(blocks), "attention": torch.cat(maps)}, partial)
-            bar.update(len(block_logits))
-    partial.unlink(missing_ok=True)
-    return torch.cat(blocks), torch.cat(maps)
-
-
-def teacher_view_outputs(
-    teacher_path: Path, views: torch.Tensor, cache: Path, attention_side: int, device: torch.device = CPU.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V, C) teacher logits and (N, V, side*side) attention maps on the fixed views, cached
-    by teacher, view-bank hash and attention size (resumable while being computed)."""
-    key = hashlib.sha256(views.numpy().tobytes()).hexdigest()[:16]
-    weights_sha = CheckpointMeta.read(teacher_path).weights_sha256[:16]
-    cache_file = cache / f"teacher_outputs_{weights_sha}_{key}_{attention_side}.pt"
-
-    def compute() -> dict[str, torch.Tensor]:
-        teacher, meta = load_checkpoint(teacher_path)
-        teacher.to(device, memory_format=torch.channels_last)
-        flat = views.reshape(-1, *views.shape[2:])
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_name(cache_file.stem + ".partial.pt")
-        logits, attention = resumable_teacher_outputs(
-            teacher, flat, Preprocess(meta.preprocess), attention_side, partial
-        )
-        return {"logits": logits.reshape(*views.shape[:2], -1), "attention": attention.reshape(*views.shape[:2], -1)}
-
-    saved = cached_tensors(cache_file, compute, ("logits", "attention"), "teacher-output")
-    return saved["logits"], saved["attention"]
-
-
-def cached_tensors(
-    cache_file: Path, compute: Callable[[], dict[str, torch.Tensor]], keys: tuple[str, ...], what: str
-) -> dict[str, torch.Tensor]:
-    """The tensors saved in ``cache_file``, or ``compute()``'s, then saved there. A damaged or
-    tampered file (unreadable, pickled code, keys missing) is ignored with a warning and
-    recomputed: it is read with ``weights_only``, so it never runs code."""
-    if cache_file.is_file():
-        try:
-            saved = load_tensor_file(cache_file)
-            if isinstance(saved, dict) and all(k in saved for k in keys):
-                return saved
-            raise WeightsError(f"{cache_file.name}: not a {what} cache (keys {sorted(keys)} missing)")
-        except WeightsError as exc:
-            print(f"warning: ignoring {what} cache {cache_file}: {exc}; recomputing it")
-    saved = compute()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(saved, cache_file)
-    return saved
-
-
 BANK_SEED = 12345  # the same views for every student, KD or not: a fair ablation
 
 
@@ -357,10 +260,12 @@ def cached_view_bank(data: BusiData, size: int, train_cfg: TrainConfig, cache: P
     file and the teacher's outputs on it. The lesion masks always travel with the views (moving
     them does not change the views), whether or not a recipe uses them."""
     images = data.images("train", size)
-    masks = data.lesion_masks("train", size)
+    records = data.records.get("train") or []  # none: in-memory test data (no masks, sequential seeds)
+    masks = data.lesion_masks("train", size) if records else None
     settings = (train_cfg.augment, train_cfg.views_per_image, train_cfg.mixup_views, train_cfg.mixup_alpha, BANK_SEED)
-    digest = hashlib.sha256(repr(settings).encode())
-    for tensor in (images, data.labels["train"], masks):
+    image_keys = [r.sha256 for r in records] or None  # each image's views seeded by the image
+    digest = hashlib.sha256(repr((settings, image_keys)).encode())
+    for tensor in (images, data.labels["train"], *([masks] if masks is not None else [])):
         digest.update(tensor.numpy().tobytes())
     cache_file = cache / f"view_bank_{digest.hexdigest()[:16]}.pt"
 
@@ -368,12 +273,15 @@ def cached_view_bank(data: BusiData, size: int, train_cfg: TrainConfig, cache: P
         augment = UltrasoundAugment(train_cfg.augment, size)
         bank = build_view_bank(
             images, data.labels["train"], augment, train_cfg.views_per_image, BANK_SEED,
-            train_cfg.mixup_views, train_cfg.mixup_alpha, masks,
+            train_cfg.mixup_views, train_cfg.mixup_alpha, masks, image_keys,
         )  # fmt: skip
-        return {"views": bank.views, "targets": bank.targets, "masks": bank.masks}
+        plain = torch.tensor(bank.plain_views)
+        return {"views": bank.views, "targets": bank.targets, "plain_views": plain} | (
+            {"masks": bank.masks} if bank.masks is not None else {}
+        )
 
-    saved = cached_tensors(cache_file, compute, ("views", "targets", "masks"), "view-bank")
-    return ViewBank(saved["views"], saved["targets"], saved["masks"])
+    saved = cached_tensors(cache_file, compute, ("views", "targets", "plain_views"), "view-bank")
+    return ViewBank(saved["views"], saved["targets"], saved.get("masks"), int(saved["plain_views"]))
 
 
 def train_student(
@@ -399,7 +307,7 @@ def train_student(
     if teacher_path is not None:  # the teacher's maps are pooled to the size of the student's
         side = feature_map_side(model, preprocess_cfg.input_size)
         logits, attention = main_first(
-            runtime, lambda: teacher_view_outputs(teacher_path, bank.views, cache, side, runtime.device)
+            runtime, lambda: teacher_view_outputs(teacher_path, bank, cache, side, runtime.device)
         )
     if train_cfg.mask_weight <= 0:
         bank = replace(bank, masks=None)  # the recipe does not use them: not batched either

@@ -1,0 +1,59 @@
+"""Teacher outputs on a student's views: a feature-ensemble teacher's backbone outputs on each
+image's plain views are stored once and shared by the folds, and the result is exactly the
+whole teacher's."""
+
+from __future__ import annotations
+
+import torch
+from test_engine import SIZE
+from test_probe import probe_teacher  # noqa: F401 (fixture)
+
+from kdcore.checkpoint import load_checkpoint
+from kdcore.config import AugmentConfig
+from kdcore.engine import build_view_bank
+from kdcore.experiment import teacher_outputs as outputs
+from kdcore.transforms import Preprocess, UltrasoundAugment
+
+ATTENTION_SIDE = 3
+
+
+def _fold_banks():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (6, 1, SIZE, SIZE), dtype=torch.uint8)
+    labels, keys = torch.tensor([0, 1, 2, 0, 1, 2]), [f"sha-{i}" for i in range(6)]
+    augment = UltrasoundAugment(AugmentConfig(), SIZE)
+    fold_a = build_view_bank(images[:4], labels[:4], augment, 3, 7, 2, 0.4, image_keys=keys[:4])
+    fold_b = build_view_bank(images[2:], labels[2:], augment, 3, 7, 2, 0.4, image_keys=keys[2:])
+    return fold_a, fold_b
+
+
+def test_views_seeded_per_image_are_the_same_in_every_fold():
+    fold_a, fold_b = _fold_banks()
+    assert fold_a.plain_views == fold_b.plain_views == 3
+    assert torch.equal(fold_a.views[2:4, :3], fold_b.views[:2, :3])  # images 2 and 3 sit in both folds
+    assert not torch.equal(fold_a.views[2, 1], fold_a.views[3, 1])  # and each image has its own draws
+
+
+def test_shared_store_is_exact_and_serves_the_next_fold(probe_teacher, tmp_path, monkeypatch):  # noqa: F811
+    fold_a, fold_b = _fold_banks()
+    logits, attention = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    teacher, meta = load_checkpoint(probe_teacher)
+    whole = outputs.teacher_outputs(teacher, fold_a.views.flatten(0, 1), Preprocess(meta.preprocess), ATTENTION_SIDE)
+    torch.testing.assert_close(logits.flatten(0, 1), whole["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention.flatten(0, 1), whole["attention"], atol=1e-5, rtol=1e-5)
+
+    real, calls = outputs.teacher_outputs, []
+
+    def counted(teacher, views, *args, **kwargs):
+        calls.append(len(views))
+        return real(teacher, views, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "teacher_outputs", counted)
+    logits_b, _ = outputs.teacher_view_outputs(probe_teacher, fold_b, tmp_path, ATTENTION_SIDE)
+    assert calls == [2 * 3, 4 * 2]  # the 2 new images' plain views, then fold b's own mixup views
+    torch.testing.assert_close(logits_b[:2, :3], logits[2:4, :3])  # shared images: the same outputs
+    (store,) = tmp_path.glob("backbone_outputs_*.pt")
+    assert len(torch.load(store, weights_only=True)["keys"]) == 6
+    calls.clear()
+    outputs.teacher_view_outputs(probe_teacher, fold_b, tmp_path, ATTENTION_SIDE)
+    assert calls == []  # everything cached now
