@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from kdcore.config import CLASS_NAMES, TrainConfig
 from kdcore.distill import Distiller
-from kdcore.models import WeightsError, load_tensor_file, new_layer_parameters, set_train_mode
+from kdcore.models import WeightsError, load_tensor_file, new_layer_parameters, save_tensor_file, set_train_mode
 from kdcore.runtime import CPU, Runtime, barrier, describe, from_main, sum_across_ranks
 from kdcore.transforms import Preprocess, UltrasoundAugment
 
@@ -362,7 +362,7 @@ def fit(
                 f"({row['seconds']:.0f}s){' *best*' if improved else ''}",
                 flush=True,
             )
-            torch.save(
+            save_tensor_file(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),

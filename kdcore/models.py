@@ -4,6 +4,7 @@ builders, by timm names."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,14 @@ def load_tensor_file(path: Path) -> Any:
         raise WeightsError(f"{Path(path).name}: cannot be read ({exc.strerror or type(exc).__name__})") from exc
     except Exception as exc:  # UnpicklingError, EOFError, zip errors...: refuse, never execute
         raise WeightsError(f"{Path(path).name}: not a plain tensor file, refused ({type(exc).__name__})") from exc
+
+
+def save_tensor_file(obj: Any, path: Path) -> None:
+    """``torch.save`` that never leaves a half-written file: written beside ``path``, then
+    renamed over it (a run killed while saving keeps the previous file)."""
+    partial = path.with_name(path.name + ".saving")
+    torch.save(obj, partial)
+    os.replace(partial, path)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

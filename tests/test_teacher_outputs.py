@@ -4,6 +4,9 @@ whole teacher's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from test_engine import SIZE
 from test_probe import probe_teacher  # noqa: F401 (fixture)
@@ -57,3 +60,24 @@ def test_shared_store_is_exact_and_serves_the_next_fold(probe_teacher, tmp_path,
     calls.clear()
     outputs.teacher_view_outputs(probe_teacher, fold_b, tmp_path, ATTENTION_SIDE)
     assert calls == []  # everything cached now
+
+
+def test_a_save_killed_midway_keeps_the_previous_file(tmp_path, monkeypatch):
+    """The store grows for an hour: a run killed while saving it must not lose what it held."""
+    from kdcore.models import load_tensor_file, save_tensor_file
+
+    store = tmp_path / "backbone_outputs.pt"
+    save_tensor_file({"pooled": torch.ones(2, 3)}, store)
+    real_save = torch.save
+
+    def killed(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04 half a zip")  # what a kill mid-write leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_tensor_file({"pooled": torch.zeros(5, 3)}, store)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(load_tensor_file(store)["pooled"], torch.ones(2, 3))
+    save_tensor_file({"pooled": torch.zeros(5, 3)}, store)
+    assert load_tensor_file(store)["pooled"].shape == (5, 3) and [p.name for p in tmp_path.iterdir()] == [store.name]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kdcore.checkpoint import CheckpointMeta, load_checkpoint
 from kdcore.distill import attention_map
 from kdcore.engine import ViewBank, model_device, to_model_input
-from kdcore.models import FeatureEnsemble, WeightsError, load_tensor_file, map_and_logits
+from kdcore.models import FeatureEnsemble, WeightsError, load_tensor_file, map_and_logits, save_tensor_file
 from kdcore.runtime import CPU
 from kdcore.transforms import Preprocess, resize_views
 
@@ -47,7 +47,7 @@ def cached_tensors(cache_file: Path, compute: Callable[[], Outputs], keys: tuple
             print(f"warning: ignoring {what} cache {cache_file}: {exc}; recomputing it")
     saved = compute()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(saved, cache_file)
+    save_tensor_file(saved, cache_file)
     return saved
 
 
@@ -91,7 +91,7 @@ def resumable_teacher_outputs(
             blocks.append(
                 teacher_outputs(teacher, views[first : first + PARTIAL_EVERY_VIEWS], preprocess, attention_side)
             )
-            torch.save(_joined(blocks), partial)
+            save_tensor_file(_joined(blocks), partial)
             bar.update(len(blocks[-1]["logits"]))
     partial.unlink(missing_ok=True)
     return _joined(blocks)
@@ -166,7 +166,7 @@ def _shared_store(
                 "attention": torch.cat([store["attention"], out["attention"].reshape(shape)]),
             }
             cache.mkdir(parents=True, exist_ok=True)
-            torch.save(store, store_file)
+            save_tensor_file(store, store_file)
             bar.update(len(out["pooled"]))
     index = {key: i for i, key in enumerate(store["keys"])}
     rows = [index[key] for key in view_keys]
