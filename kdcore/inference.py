@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdcore.checkpoint import CheckpointMeta, load_checkpoint
-from kdcore.operating_point import decide
+from kdcore.operating_point import decide, verdict_rule
 from kdcore.transforms import Preprocess
 
 
@@ -21,9 +21,11 @@ class Prediction:
     label: str
     probabilities: dict[str, float]
     latency_ms: float
+    rule: str = ""  # how ``label`` follows from the probabilities (the checkpoint's operating point)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": self.probabilities, "latency_ms": round(self.latency_ms, 2)}
+        verdict = {"label": self.label, "probabilities": self.probabilities, "latency_ms": round(self.latency_ms, 2)}
+        return verdict | ({"verdict_rule": self.rule} if self.rule else {})
 
 
 class Predictor:
@@ -43,7 +45,8 @@ class Predictor:
     def prediction_from_logits(self, logits: torch.Tensor, latency_ms: float) -> Prediction:
         probs = self.probabilities(logits.reshape(-1)).tolist()
         label = self.class_names[int(decide(np.array(probs), self.class_names, self.meta.operating_point))]
-        return Prediction(label, dict(zip(self.class_names, map(float, probs))), latency_ms)
+        rule = verdict_rule(self.meta.operating_point)
+        return Prediction(label, dict(zip(self.class_names, map(float, probs))), latency_ms, rule)
 
     @torch.inference_mode()
     def predict(self, grey: np.ndarray) -> Prediction:

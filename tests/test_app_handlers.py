@@ -72,7 +72,7 @@ def test_analyse_image_json_shape_and_overlays(models, speckle_image):
     payload = analysis.as_json()
     assert set(payload) == {"teacher", "student"}
     for result in payload.values():
-        assert set(result) == {"label", "probabilities", "latency_ms"}
+        assert set(result) == {"label", "probabilities", "latency_ms", "verdict_rule"}
         assert result["label"] in CLASS_NAMES
         assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert result["latency_ms"] > 0

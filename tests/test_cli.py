@@ -413,6 +413,7 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
     assert student["folds"][0]["files"] == fold["files"]  # the same folds for every recipe
     table = (tmp_path / "reports" / "cv" / "README.md").read_text()
     assert "| t | teacher | 1/2 |" in table and "| s | student | 1/2 |" in table
+    assert f"| s | student | {student['folds'][0]['accuracy']:.3f} |  |" in table  # fold by fold, fold 1 not run
 
     before = (tmp_path / "reports" / "cv" / "t.json").read_text()
     code, _, _ = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places)

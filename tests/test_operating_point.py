@@ -12,7 +12,13 @@ import torch
 from kdcore.checkpoint import CheckpointMeta
 from kdcore.config import CLASS_NAMES
 from kdcore.metrics import at_operating_point
-from kdcore.operating_point import OperatingPoint, choose_operating_point, decide, sensitivity_specificity
+from kdcore.operating_point import (
+    ARGMAX_RULE,
+    OperatingPoint,
+    choose_operating_point,
+    decide,
+    sensitivity_specificity,
+)
 
 # ten malignant cases scored 1.0, 0.9 ... 0.1; six others
 P_MALIGNANT = np.array([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.15, 0.25, 0.35, 0.45, 0.95])
@@ -78,9 +84,11 @@ def test_predictor_verdict_follows_the_stored_rule(tiny_checkpoints):
 
     predictor = load_predictor(tiny_checkpoints["student"])
     logits = torch.tensor([[2.0, 1.0, 0.0]])  # benign most probable, malignant 24 %
-    assert predictor.prediction_from_logits(logits, 1.0).label == "benign"
+    plain = predictor.prediction_from_logits(logits, 1.0).as_dict()
+    assert plain["label"] == "benign" and plain["verdict_rule"] == ARGMAX_RULE
     predictor.meta = replace(predictor.meta, operating_point=OperatingPoint(0.2, 0.9, 0.9, 0.5, 1, 1, "v"))
-    assert predictor.prediction_from_logits(logits, 1.0).label == "malignant"
+    ruled = predictor.prediction_from_logits(logits, 1.0).as_dict()  # what /predict returns, rule included
+    assert ruled["label"] == "malignant" and ruled["verdict_rule"].startswith("malignant when p(malignant) ≥ 20%")
 
 
 def test_the_rule_is_shown_next_to_the_verdict():

@@ -231,4 +231,20 @@ def cv_table(results_dir: Path) -> str:
             + " | ".join(cells)
             + f" | {specificity:.3f} | {r['cpu_seconds_wall']:.0f} |"
         )
+    return "\n".join(lines) + "\n\n" + fold_table(rows)
+
+
+def fold_table(rows: list[dict[str, Any]]) -> str:
+    """Accuracy of each recipe fold by fold: every recipe sees the same folds, so two recipes
+    are compared on the folds both have (paired), not by means over different folds."""
+    k = max(r["k"] for r in rows)
+    lines = [
+        "Accuracy fold by fold (the same held-out images for every recipe):",
+        "",
+        "| recipe | role | " + " | ".join(f"fold {f}" for f in range(k)) + " |",
+        "|---|---|" + "---|" * k,
+    ]
+    for r in rows:
+        by_fold = {f["fold"]: f"{f['accuracy']:.3f}" for f in r["folds"]}
+        lines.append(f"| {r['name']} | {r['role']} | " + " | ".join(by_fold.get(f, "") for f in range(k)) + " |")
     return "\n".join(lines) + "\n"
