@@ -269,4 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from kdcore.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # before torch allocates: big activations reuse freed memory (2x faster here)
     sys.exit(main())

@@ -22,7 +22,6 @@ from kdcore.app import handlers
 from kdcore.app.about import about_markdown
 from kdcore.app.batch import MAX_BATCH_FILES
 from kdcore.app.live_session import LiveSession
-from kdcore.app.patches.malloc_arenas import limit_malloc_arenas
 from kdcore.app.patches.queue_hygiene import bound_queue_bookkeeping
 from kdcore.app.patches.webrtc_quality import LIVE_RTP_PARAMS, LIVE_TRACK_CONSTRAINTS, raise_server_video_bitrate
 from kdcore.app.report import REPORT_FORMATS
@@ -30,6 +29,7 @@ from kdcore.app.service import DEFAULT_CHECKPOINT_DIR, DISCLAIMER, ROLES, Loaded
 from kdcore.app.video import MAX_CLIP_SECONDS, MAX_VIDEO_BYTES, TIMELINE_X, TIMELINE_Y, VIDEO_SUFFIXES
 from kdcore.config import CLASS_NAMES, REPO_ROOT
 from kdcore.imaging import IMAGE_SUFFIXES
+from kdcore.malloc_tuning import limit_malloc_arenas
 from kdcore.overlay import colour_scale_html
 
 logger = logging.getLogger(__name__)

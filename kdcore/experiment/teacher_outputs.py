@@ -53,7 +53,7 @@ def cached_tensors(cache_file: Path, compute: Callable[[], Outputs], keys: tuple
 
 @torch.no_grad()
 def teacher_outputs(
-    teacher: torch.nn.Module, views: torch.Tensor, preprocess: Preprocess, attention_side: int, batch_size: int = 64
+    teacher: torch.nn.Module, views: torch.Tensor, preprocess: Preprocess, attention_side: int, batch_size: int = 16
 ) -> Outputs:
     """``logits`` (B, C), ``attention`` maps (B, side*side) and, for a feature ensemble, its
     ``pooled`` features (B, F) on (B, 1, S, S) uint8 views, each resized to the teacher's input
