@@ -35,16 +35,17 @@ ARENA_COUNT = textwrap.dedent(
 )
 
 
-def _arenas(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", ARENA_COUNT, mode], capture_output=True, text=True, check=True)
-    applied, heaps = out.stdout.split()
-    return applied, int(heaps)
+def _measured(script: str, mode: str) -> tuple[str, int]:
+    """(whether the setting was applied, the count the script prints) from a fresh process."""
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
+    applied, count = out.stdout.split()
+    return applied, int(count)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_threads_share_two_arenas_once_limited():
-    applied, limited = _arenas("limit")
-    _, default = _arenas("default")
+    applied, limited = _measured(ARENA_COUNT, "limit")
+    _, default = _measured(ARENA_COUNT, "default")
     assert applied == "True"
     assert limited <= 2
     assert default > 2  # without the limit the same threads spread over more heaps
@@ -79,16 +80,10 @@ PAGE_FAULTS = textwrap.dedent(
 )
 
 
-def _page_faults(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
-    applied, faults = out.stdout.split()
-    return applied, int(faults)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_training_reuses_freed_memory_instead_of_faulting_it_in_again():
-    applied, kept = _page_faults("keep")
-    _, default = _page_faults("default")
+    applied, kept = _measured(PAGE_FAULTS, "keep")
+    _, default = _measured(PAGE_FAULTS, "default")
     assert applied == "True"
     assert default > 10 * 18_000  # each 75 MB activation mapped and zero-filled again (18,432 pages)
     assert kept < 1_000  # measured: 0
