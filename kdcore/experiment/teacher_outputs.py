@@ -180,10 +180,10 @@ def teacher_view_outputs(
     """(N, V, C) teacher logits and (N, V, side*side) attention maps on the bank's views:
     through the shared backbone store where the teacher and the bank allow it, else (and for
     mixup views) through the whole teacher, cached per teacher and views."""
-    teacher, meta = load_checkpoint(teacher_path)
-    if not isinstance(teacher, FeatureEnsemble) or not bank.plain_views:
+    if CheckpointMeta.read(teacher_path).model.kind != "ensemble" or not bank.plain_views:
         saved = _bank_outputs(teacher_path, bank.views, cache, attention_side, device)
         return saved["logits"], saved["attention"]
+    teacher, meta = load_checkpoint(teacher_path)  # a FeatureEnsemble
     teacher.to(device, memory_format=torch.channels_last)
     shared = _shared_store(teacher, meta, bank, cache, attention_side)
     head = teacher.forward_head_from_pooled
