@@ -25,7 +25,16 @@ from pathlib import Path
 if os.environ.get("RANK", "0") != "0":  # a torchrun rank other than 0: progress bars on rank 0 only
     os.environ.setdefault("TQDM_DISABLE", "1")  # (tqdm reads it when imported, so before kdcore)
 
-from kdcore.config import DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, PRESETS, REPO_ROOT, Preset, Recipe, get_preset
+from kdcore.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_EXTERNAL_DIR,
+    DEFAULT_SPLIT_FILE,
+    PRESETS,
+    REPO_ROOT,
+    Preset,
+    Recipe,
+    get_preset,
+)
 
 
 def _device_option(p: argparse.ArgumentParser) -> None:
@@ -160,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reports", type=Path, default=REPO_ROOT / "reports", help="where tables and figures go")
         p.add_argument("--seeds", type=int, nargs="+", help="student seeds (default: the preset's)")
         p.add_argument("--skip-extra", action="store_true", help="skip the EfficientNet-Lite0 student rows")
+        p.add_argument(
+            "--external",
+            type=Path,
+            default=DEFAULT_EXTERNAL_DIR,
+            help="class folder of another hospital the shipped models are also scored on, never trained or "
+            "tuned on (default: %(default)s; skipped when missing or with --subset)",
+        )
 
     p = sub.add_parser("export", add_help=False, help="ONNX (+INT8) export of a student (train.py export --help)")
     p.add_argument("export_args", nargs=argparse.REMAINDER)

@@ -57,8 +57,11 @@ class CheckpointMeta:
 
     @property
     def architecture(self) -> str:
-        """Short human name, e.g. ``feature_transformer + tf_efficientnet_lite0``."""
-        branches = (self.model.global_branch, self.model.cnn_name, *self.model.ensemble_members)
+        """Short human name, e.g. ``feature_transformer + tf_efficientnet_lite0`` (a hybrid) or
+        ``ensemble of tf_efficientnet_lite0 + tf_efficientnet_lite2``."""
+        if self.model.kind == "ensemble":  # no global branch, whatever the record's field says
+            return "ensemble of " + " + ".join((self.model.cnn_name, *self.model.ensemble_members))
+        branches = (self.model.global_branch, self.model.cnn_name)
         return " + ".join(b for b in branches if b and b != "none")
 
     def to_json(self) -> dict[str, Any]:

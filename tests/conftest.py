@@ -11,7 +11,7 @@ from tiny_models import TINY_TEACHER
 
 from kdcore.app.patches.upload_cache import use_private_upload_cache
 from kdcore.checkpoint import CheckpointMeta, save_checkpoint
-from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, OFFLINE
+from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, OFFLINE, PAPER
 
 BUSI = DEFAULT_DATA_DIR
 needs_busi = pytest.mark.skipif(not (BUSI / "manifest.csv").is_file(), reason="BUSI not available")
@@ -55,7 +55,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("checkpoints")
     paths = {}
     for name, cfg, preprocess in (
-        ("teacher", TINY_TEACHER, OFFLINE.teacher_preprocess),
+        ("teacher", TINY_TEACHER, PAPER.teacher_preprocess),  # the hybrid layout: 224 px
         ("student", OFFLINE.student, OFFLINE.student_preprocess),
     ):
         model = build_model(cfg).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from tiny_models import TINY_STUDENT, TINY_TEACHER
 
 from kdcore.checkpoint import CheckpointError, CheckpointMeta, checkpoint_paths, load_checkpoint, save_checkpoint
-from kdcore.config import CLASS_NAMES, OFFLINE, PreprocessConfig
+from kdcore.config import CLASS_NAMES, OFFLINE, ModelConfig, PreprocessConfig
 from kdcore.inference import load_predictor
 from kdcore.models import WeightsError, build_model, read_state_dict
 
@@ -200,3 +201,10 @@ def test_predictor_applies_the_calibrated_temperature(saved):
     assert torch.allclose(calibrated, torch.softmax(logits / 2.0, -1))
     assert calibrated.max() < plain.max()
     assert np.isclose(calibrated.sum().item(), 1.0)
+
+
+def test_architecture_names_an_ensemble_by_its_networks_only():
+    ensemble = ModelConfig(kind="ensemble", cnn_name="a", ensemble_members=("b",), global_branch="feature_transformer")
+    hybrid = replace(ensemble, kind="teacher", ensemble_members=())
+    assert CheckpointMeta(ensemble, PreprocessConfig(), CLASS_NAMES).architecture == "ensemble of a + b"
+    assert CheckpointMeta(hybrid, PreprocessConfig(), CLASS_NAMES).architecture == "feature_transformer + a"

@@ -377,6 +377,10 @@ def test_all_smoke_on_busi_ships_models_and_writes_reports(busi_dir, tmp_path):
     benchmark = json.loads((reports / "benchmark.json").read_text())
     assert summary["efficiency"]["rows"] == benchmark["rows"]
     assert not (reports / "table2_efficiency.md").exists()
+    # The offline teacher's head is a probe (no epochs): no training curves drawn for it.
+    assert (reports / "training_student.png").is_file() and not (reports / "training_teacher.png").exists()
+    assert summary["external"] == {} and summary["cross_validation"] == {}  # a smoke run: no CV, no external
+    assert "External check: not run" in (reports / "results.md").read_text()
 
 
 @pytest.mark.slow

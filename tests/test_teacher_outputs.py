@@ -62,6 +62,47 @@ def test_shared_store_is_exact_and_serves_the_next_fold(probe_teacher, tmp_path,
     assert calls == []  # everything cached now
 
 
+def test_banks_with_other_view_counts_share_a_cache_folder(probe_teacher, tmp_path):  # noqa: F811
+    fold_a, _ = _fold_banks()
+    images, labels = fold_a.views[:, 0], fold_a.targets[:, 0].argmax(1)
+    augment = UltrasoundAugment(AugmentConfig(), SIZE)
+    other = build_view_bank(images, labels, augment, 5, 7, 0, 0.4, image_keys=["x", "y", "z", "w"])
+    outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    logits, _ = outputs.teacher_view_outputs(probe_teacher, other, tmp_path, ATTENTION_SIDE)
+    teacher, meta = load_checkpoint(probe_teacher)
+    whole = outputs.teacher_outputs(teacher, other.views.flatten(0, 1), Preprocess(meta.preprocess), ATTENTION_SIDE)
+    torch.testing.assert_close(logits.flatten(0, 1), whole["logits"], atol=1e-5, rtol=1e-5)
+    stores = sorted(p.name.rsplit("_", 1)[1] for p in tmp_path.glob("backbone_outputs_*.pt"))
+    assert stores == ["3views.pt", "5views.pt"]  # one store per view count
+
+
+@pytest.mark.parametrize("damage", ["truncated", "keys missing"])
+def test_damaged_store_and_partial_outputs_are_computed_anew(probe_teacher, tmp_path, capsys, damage):  # noqa: F811
+    fold_a, _ = _fold_banks()
+    logits, _ = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    (store,) = tmp_path.glob("backbone_outputs_*.pt")
+    partial = tmp_path / "teacher_outputs.partial.pt"
+    for file in (store, partial):
+        if damage == "truncated":
+            file.write_bytes(store.read_bytes()[:1000])
+        else:
+            torch.save({"unrelated": torch.zeros(1)}, file)
+    for cache in tmp_path.glob("teacher_outputs_*.pt"):
+        cache.unlink()  # the mixup views' cache: their outputs come through the partial file again
+
+    again, _ = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    teacher, meta = load_checkpoint(probe_teacher)
+    resumed = outputs.resumable_teacher_outputs(
+        teacher, fold_a.views.flatten(0, 1), Preprocess(meta.preprocess), ATTENTION_SIDE, partial
+    )
+
+    torch.testing.assert_close(again, logits)
+    torch.testing.assert_close(resumed["logits"], logits.flatten(0, 1), atol=1e-5, rtol=1e-5)
+    out = capsys.readouterr().out
+    assert f"ignoring backbone-output store {store}" in out and f"ignoring partial teacher-output {partial}" in out
+    assert not partial.exists() and len(torch.load(store, weights_only=True)["keys"]) == 4
+
+
 def test_a_save_killed_midway_keeps_the_previous_file(tmp_path, monkeypatch):
     """The store grows for an hour: a run killed while saving it must not lose what it held."""
     from kdcore.models import load_tensor_file, save_tensor_file

@@ -367,7 +367,7 @@ def build_demo(settings: AppSettings = AppSettings()) -> gr.Blocks:
     with gr.Blocks(
         title="Breast ultrasound KD demo", analytics_enabled=False, delete_cache=CACHE_CLEANUP_SECONDS, css=APP_CSS
     ) as demo:
-        gr.Markdown("# Breast ultrasound: ViT+CNN teacher vs MobileNetV3 student\n" + DISCLAIMER)
+        gr.Markdown("# Breast ultrasound: offline teacher vs distilled real-time MobileNetV3 student\n" + DISCLAIMER)
         if models.problems:
             gr.Markdown(models.status_markdown, elem_id="model-status")
         with gr.Tab("Image"):

@@ -45,6 +45,7 @@ from kdcore.inference import load_predictor
 from kdcore.models import build_model, count_parameters
 from kdcore.onnx_runtime import INPUT_NAME, onnx_session
 from kdcore.overlay import encode_jpeg
+from kdcore.transforms import Preprocess
 
 FRAME_HEIGHT, FRAME_WIDTH = 480, 640
 IDLE_LOAD_PER_CPU = 0.25  # 1-minute load average per CPU above which timings are flagged
@@ -91,14 +92,15 @@ def student_checkpoint(path: Path, folder: Path) -> tuple[Path, str]:
     return saved, "random weights (no trained checkpoint found)"
 
 
-def offline_teacher(path: Path) -> tuple[nn.Module, str, str]:
-    """(model, where its weights came from, architecture name)."""
+def offline_teacher(path: Path) -> tuple[nn.Module, Preprocess, str, str]:
+    """(model, its own preprocessing, where its weights came from, architecture name)."""
     if checkpoint_paths(path)[0].is_file():
         model, meta = load_checkpoint(path)
-        return model, f"trained ({path})", meta.architecture
-    cfg = replace(OFFLINE.teacher, cnn_init="none")
-    architecture = CheckpointMeta(cfg, OFFLINE.teacher_preprocess, CLASS_NAMES).architecture
-    return build_model(cfg).eval(), "random weights (no trained checkpoint found)", architecture
+        return model, Preprocess(meta.preprocess), f"trained ({path})", meta.architecture
+    cfg, preprocess = replace(OFFLINE.teacher, cnn_init="none"), OFFLINE.teacher_preprocess
+    architecture = CheckpointMeta(cfg, preprocess, CLASS_NAMES).architecture
+    model = build_model(cfg, preprocess.input_size).eval()
+    return model, Preprocess(preprocess), "random weights (no trained checkpoint found)", architecture
 
 
 def paper_teacher_model() -> nn.Module:
@@ -147,12 +149,12 @@ def measured_rows(args: argparse.Namespace, workdir: Path) -> tuple[list[dict[st
         )
     ]
     del paper_teacher  # ~440 MB
-    teacher, teacher_source, architecture = offline_teacher(args.teacher)
+    teacher, teacher_preprocess, teacher_source, architecture = offline_teacher(args.teacher)
     rows.append(
         torch_row(
-            f"teacher, offline ({architecture}), PyTorch",
+            f"teacher, offline ({architecture}, {teacher_preprocess.cfg.input_size} px), PyTorch",
             teacher,
-            torch_forward(teacher, batch),
+            torch_forward(teacher, teacher_preprocess(grey).unsqueeze(0)),
             warmup,
             runs,
         )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from kdcore.checkpoint import checkpoint_paths
 from kdcore.config import Preset, with_overrides
 from kdcore.experiment import benchmark, reports
-from kdcore.experiment.protocol import BusiData, load_busi, train_student, train_teacher
+from kdcore.experiment.protocol import BusiData, evaluate_checkpoint, load_busi, train_student, train_teacher
 from kdcore.experiment.runs import best_by_validation, is_done, student_runs, teacher_candidates, teacher_name
 from kdcore.runtime import CPU, Runtime
 
@@ -95,6 +97,29 @@ def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | Non
         ]
         + (["--quick"] if args.subset else [])
     )
+    context = {
+        "cross_validation": cross_validation_results(preset, reports_dir / "cv"),
+        "external": {} if args.subset else external_results(ship_dir, args.external, args.split_file, reports_dir),
+    }
     reports.build(
-        data, runs, teachers, preset.alternative_epochs, teacher, student, done, reports_dir, ship_dir, efficiency
-    )
+        data, runs, teachers, preset.alternative_epochs, teacher, student, done, reports_dir, ship_dir, efficiency,
+        context,
+    )  # fmt: skip
+
+
+def cross_validation_results(preset: Preset, cv_dir: Path) -> dict[str, dict[str, Any]]:
+    """Report row -> the CV result (train+val folds) of the recipe it was trained with."""
+    files = {row: cv_dir / f"{name}.json" for row, name in preset.cv_runs}
+    return {row: json.loads(path.read_text()) for row, path in files.items() if path.is_file()}
+
+
+def external_results(ship_dir: Path, folder: Path | None, split_file: Path, reports_dir: Path) -> dict[str, Any]:
+    """The shipped models scored on an external class folder (another hospital; never trained
+    or tuned on), each at its stored operating point; nothing when there is no such folder."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    out = reports_dir / "external"
+    return {
+        role: evaluate_checkpoint(ship_dir / role, folder, split_file, out / f"{Path(folder).name}_{role}.json")
+        for role in ("teacher", "student")
+    }

@@ -25,7 +25,8 @@ class StudentRun:
 
 
 def teacher_name(cfg: ModelConfig) -> str:
-    return f"teacher_{cfg.global_branch}"
+    """``teacher_ensemble`` for a feature ensemble, else ``teacher_<global branch>``."""
+    return "teacher_ensemble" if cfg.kind == "ensemble" else f"teacher_{cfg.global_branch}"
 
 
 def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, include_extra: bool) -> list[StudentRun]:

@@ -33,18 +33,27 @@ PARTIAL_EVERY_VIEWS = 2048  # outputs are saved this often, so a killed run resu
 Outputs = dict[str, torch.Tensor]
 
 
+def saved_tensors(file: Path, keys: tuple[str, ...], what: str) -> Outputs | None:
+    """The dict saved in ``file`` when it is readable and has ``keys``, else ``None`` (a
+    damaged or tampered file is named in a warning). Read with ``weights_only``: never runs code."""
+    if not file.is_file():
+        return None
+    try:
+        saved = load_tensor_file(file)
+        if isinstance(saved, dict) and all(k in saved for k in keys):
+            return saved
+        raise WeightsError(f"{file.name}: not a {what} (keys {sorted(keys)} missing)")
+    except WeightsError as exc:
+        print(f"warning: ignoring {what} {file}: {exc}; computing it anew")
+        return None
+
+
 def cached_tensors(cache_file: Path, compute: Callable[[], Outputs], keys: tuple[str, ...], what: str) -> Outputs:
-    """The tensors saved in ``cache_file``, or ``compute()``'s, then saved there. A damaged or
-    tampered file (unreadable, pickled code, keys missing) is ignored with a warning and
-    recomputed: it is read with ``weights_only``, so it never runs code."""
-    if cache_file.is_file():
-        try:
-            saved = load_tensor_file(cache_file)
-            if isinstance(saved, dict) and all(k in saved for k in keys):
-                return saved
-            raise WeightsError(f"{cache_file.name}: not a {what} cache (keys {sorted(keys)} missing)")
-        except WeightsError as exc:
-            print(f"warning: ignoring {what} cache {cache_file}: {exc}; recomputing it")
+    """The tensors saved in ``cache_file``, or ``compute()``'s, then saved there (a damaged
+    file is ignored with a warning and recomputed)."""
+    saved = saved_tensors(cache_file, keys, f"{what} cache")
+    if saved is not None:
+        return saved
     saved = compute()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     save_tensor_file(saved, cache_file)
@@ -76,14 +85,7 @@ def resumable_teacher_outputs(
     """``teacher_outputs`` over many views in blocks, with a progress bar; after each block the
     outputs so far go to ``partial``, and a rerun continues from there (the file is removed at
     the end). On 2 cores an ensemble teacher needs about an hour for 10,000 views."""
-    done: Outputs = {}
-    if partial.is_file():
-        try:
-            saved = load_tensor_file(partial)
-            if isinstance(saved, dict) and {"logits", "attention"} <= set(saved):
-                done = saved
-        except WeightsError as exc:
-            print(f"warning: ignoring partial teacher outputs {partial}: {exc}")
+    done = saved_tensors(partial, ("logits", "attention"), "partial teacher-output") or {}
     blocks = [done] if done else []
     start = len(done["logits"]) if done else 0
     with tqdm(total=len(views), initial=start, desc="teacher outputs on the views") as bar:
@@ -139,17 +141,12 @@ def _shared_store(
     teacher: FeatureEnsemble, meta: CheckpointMeta, bank: ViewBank, cache: Path, attention_side: int
 ) -> Outputs:
     """``pooled`` (N, P, F) and ``attention`` (N, P, A) of each image's P plain views, from the
-    store of these backbones (keyed by the views' content); images not in it yet are computed
+    store of these backbones for P views per image (keyed by the views' content); images not in it yet are computed
     and added, saved every ``STORE_EVERY_IMAGES`` images (a killed run resumes)."""
-    store_file = cache / f"backbone_outputs_{backbone_sha256(teacher)[:16]}_{attention_side}.pt"
-    store: dict = {"keys": [], "pooled": torch.empty(0), "attention": torch.empty(0)}
-    if store_file.is_file():
-        try:
-            saved = load_tensor_file(store_file)
-            if isinstance(saved, dict) and {"keys", "pooled", "attention"} <= set(saved):
-                store = saved
-        except WeightsError as exc:
-            print(f"warning: ignoring backbone-output store {store_file}: {exc}; rebuilding it")
+    name = f"backbone_outputs_{backbone_sha256(teacher)[:16]}_{attention_side}_{bank.plain_views}views.pt"
+    store_file = cache / name  # one store per number of plain views: its rows stack an image's views
+    empty: dict = {"keys": [], "pooled": torch.empty(0), "attention": torch.empty(0)}
+    store = saved_tensors(store_file, tuple(empty), "backbone-output store") or empty
     plain = bank.views[:, : bank.plain_views]
     view_keys = [hashlib.sha256(image_views.numpy().tobytes()).hexdigest() for image_views in plain]
     index = {key: i for i, key in enumerate(store["keys"])}

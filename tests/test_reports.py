@@ -1,0 +1,75 @@
+"""The reference run's reports: the shipped recipe is the one cross-validation chose, and the
+results carry its CV scores and the external (other hospital) check."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+from test_cli import _external_folder_with_manifest
+
+from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, REPO_ROOT
+from kdcore.experiment import reports
+from kdcore.experiment.pipeline import cross_validation_results, external_results
+
+CV_DIR = REPO_ROOT / "reports" / "cv"
+# What does not change the model a row trains: CV always keeps the last epoch and runs seed 0;
+# an ensemble has no global branch; a scratch student has no distillation terms.
+IGNORED = {
+    "teacher": {"train": {"keep", "seed", "epochs", "lr", "patience"}, "model": {"global_branch"}},
+    "student": {"train": {"keep", "seed"}, "model": set()},
+    "scratch": {"train": {"keep", "seed", "alpha", "kd_temperature"}, "model": set()},
+}
+
+
+def _preset_recipe(row: str) -> dict:
+    if row == "teacher":
+        model, preprocess, train = OFFLINE.teacher, OFFLINE.teacher_preprocess, OFFLINE.teacher_train
+    else:
+        model, preprocess, train = OFFLINE.student, OFFLINE.student_preprocess, OFFLINE.student_train
+    return json.loads(json.dumps({"model": asdict(model), "preprocess": asdict(preprocess), "train": asdict(train)}))
+
+
+@pytest.mark.parametrize("row", [row for row, _ in OFFLINE.cv_runs])
+def test_offline_preset_is_the_recipe_cross_validation_chose(row):
+    name = dict(OFFLINE.cv_runs)[row]
+    chosen = json.loads((CV_DIR / f"{name}.json").read_text())
+    assert chosen["role"] == {"teacher": "teacher", "student": "student", "scratch": "scratch"}[row]
+    assert len(chosen["folds"]) >= 3
+    shipped = _preset_recipe(row)
+    assert shipped["preprocess"] == chosen["recipe"]["preprocess"]
+    for group in ("model", "train"):
+        differing = {
+            key
+            for key in shipped[group]
+            if key not in IGNORED[row][group] and shipped[group][key] != chosen["recipe"][group][key]
+        }
+        assert not differing, f"{row}: {group} {sorted(differing)} differ from reports/cv/{name}.json"
+
+
+def test_results_carry_cross_validation_and_the_external_check(tmp_path, tiny_checkpoints):
+    cv_dir = tmp_path / "cv"
+    cv_dir.mkdir()
+    stats = {"mean": 0.8, "std": 0.05}
+    scores = {"accuracy": stats, "auc_malignant_vs_benign": stats}
+    fake_cv = {"name": "kd", "k": 5, "folds": [{}] * 3, "mean_std": scores}
+    (cv_dir / "kd.json").write_text(json.dumps(fake_cv))
+    preset = replace(OFFLINE, cv_runs=(("student", "kd"), ("scratch", "not_run")))
+    assert cross_validation_results(preset, cv_dir) == {"student": fake_cv}
+    assert reports.cv_cells({"folds": 3, "k": 5, **scores}) == "0.800 ± 0.050 (3/5 folds) | 0.800 ± 0.050"
+
+    ship_dir = Path(tiny_checkpoints["student"]).parent  # teacher.* and student.*
+    folder = _external_folder_with_manifest(tmp_path / "other_hospital")
+    external = external_results(ship_dir, folder, DEFAULT_SPLIT_FILE, tmp_path / "reports")
+    assert set(external) == {"teacher", "student"} and all(e["n"] == 4 for e in external.values())
+    assert (tmp_path / "reports" / "external" / "other_hospital_student.json").is_file()
+    assert external_results(ship_dir, tmp_path / "missing", DEFAULT_SPLIT_FILE, tmp_path / "reports") == {}
+
+    section = reports.external_section(external)
+    assert "`other_hospital` (another hospital, n=4; never trained or tuned on" in section
+    assert section.count("\n| teacher |") == section.count("\n| student |") == 1
+    auc = external["student"]["auc_malignant_vs_benign"]
+    assert f"student {auc:.3f}" in reports.external_words({"external": external})
+    assert reports.external_words({"external": {}}) == "no external validation."
