@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
+from tiny_models import TINY_ENSEMBLE
 
 from kdcore.app.about import about_markdown
 from kdcore.app.live_session import (
@@ -18,7 +21,7 @@ from kdcore.app.live_session import (
     RunningMean,
 )
 from kdcore.app.phantom import EXAMPLE_PHANTOMS, speckle_phantom
-from kdcore.app.service import ImageAnalysis, analyse_image, load_models
+from kdcore.app.service import ImageAnalysis, analyse_image, explain_class, load_models
 from kdcore.app.video import (
     VideoReadError,
     analyse_clip,
@@ -27,7 +30,9 @@ from kdcore.app.video import (
     timeline_table,
 )
 from kdcore.cam_predictor import load_cam_predictor
-from kdcore.config import CLASS_NAMES
+from kdcore.checkpoint import CheckpointMeta, save_checkpoint
+from kdcore.config import CLASS_NAMES, OFFLINE
+from kdcore.models import build_model
 from kdcore.overlay import encode_jpeg
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -65,6 +70,25 @@ def test_load_models_all_present(models):
     assert set(models.cams) == {"teacher", "student"}
     assert models.problems == [] and models.status_markdown == ""
     assert "Research demo" in about_markdown(models)
+
+
+def test_app_serves_a_flip_averaged_feature_ensemble_teacher(tmp_path, tiny_checkpoints, speckle_image):
+    """The offline preset ships an ensemble teacher: the app loads it, names it, and explains any class."""
+    torch.manual_seed(0)
+    cfg = replace(TINY_ENSEMBLE, flip_average=True)
+    preprocess = replace(OFFLINE.teacher_preprocess, input_size=96)
+    save_checkpoint(tmp_path / "teacher", build_model(cfg, 96).eval(), CheckpointMeta(cfg, preprocess, CLASS_NAMES))
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tiny_checkpoints["student"].with_suffix(suffix), tmp_path / f"student{suffix}")
+    models = load_models(tmp_path)
+    assert models.problems == [] and set(models.cams) == {"teacher", "student"}
+    assert "ensemble of mobilenetv3_small_050 + mobilenetv3_small_075" in about_markdown(models)
+
+    analysis = analyse_image(models, speckle_image)
+    assert sum(analysis.predictions["teacher"].probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+    heatmaps = [explain_class(models, analysis, name).heatmaps["teacher"] for name in CLASS_NAMES]
+    assert all(h.shape == analysis.heatmaps["teacher"].shape for h in heatmaps)
+    assert any(not np.array_equal(heatmaps[0], h) for h in heatmaps[1:])  # each class gets its own map
 
 
 def test_analyse_image_json_shape_and_overlays(models, speckle_image):
