@@ -381,6 +381,9 @@ def test_all_smoke_on_busi_ships_models_and_writes_reports(busi_dir, tmp_path):
     assert (reports / "training_student.png").is_file() and not (reports / "training_teacher.png").exists()
     assert summary["external"] == {} and summary["cross_validation"] == {}  # a smoke run: no CV, no external
     assert "External check: not run" in (reports / "results.md").read_text()
+    # One teacher, nothing compared on validation: no selection table; the card says so.
+    assert not (reports / "teacher_selection.md").exists()
+    assert "The preset's only teacher (nothing compared)." in (ship / "MODEL_CARD.md").read_text()
 
 
 @pytest.mark.slow

@@ -73,3 +73,14 @@ def test_results_carry_cross_validation_and_the_external_check(tmp_path, tiny_ch
     auc = external["student"]["auc_malignant_vs_benign"]
     assert f"student {auc:.3f}" in reports.external_words({"external": external})
     assert reports.external_words({"external": {}}) == "no external validation."
+
+
+def test_the_model_card_says_how_the_teacher_was_chosen():
+    one = {"teacher_selection": {"teacher_ensemble": {}}}
+    cv = {"teacher": {"run": "ens_probe", "k": 5}}
+    assert reports.teacher_choice_words({**one, "cross_validation": cv}) == (
+        "Recipe chosen by 5-fold cross-validation on train+val (`reports/cv/ens_probe.json`)."
+    )
+    assert reports.teacher_choice_words(one) == "The preset's only teacher (nothing compared)."
+    two = {"teacher_selection": {"a": {}, "b": {}}, "cross_validation": cv}
+    assert reports.teacher_choice_words(two) == "Selected on validation among: a, b."

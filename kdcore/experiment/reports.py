@@ -319,16 +319,20 @@ def write_markdown(summary: dict[str, Any], out: Path) -> None:
         )
     )
     sel = summary["teacher_selection"]
-    (out / "teacher_selection.md").write_text(
-        "| teacher variant | best epoch | best val balanced acc (val loss) | same within first N epochs |\n"
-        "|---|---|---|---|\n"
-        + "".join(
-            f"| {k} | {v['epoch']} | {v['val_balanced_accuracy']:.3f} ({v['val_loss']:.3f}) | "
-            f"N={v['budget_epochs']}: {v['val_balanced_accuracy_within_budget']:.3f} "
-            f"({v['val_loss_within_budget']:.3f}) |\n"
-            for k, v in sel.items()
+    selection_table = out / "teacher_selection.md"
+    if len(sel) < 2:  # one teacher: nothing was compared on validation
+        selection_table.unlink(missing_ok=True)
+    else:
+        selection_table.write_text(
+            "| teacher variant | best epoch | best val balanced acc (val loss) | same within first N epochs |\n"
+            "|---|---|---|---|\n"
+            + "".join(
+                f"| {k} | {v['epoch']} | {v['val_balanced_accuracy']:.3f} ({v['val_loss']:.3f}) | "
+                f"N={v['budget_epochs']}: {v['val_balanced_accuracy_within_budget']:.3f} "
+                f"({v['val_loss_within_budget']:.3f}) |\n"
+                for k, v in sel.items()
+            )
         )
-    )
     for role in ("teacher", "student", "scratch"):
         if role in summary:
             (out / f"test_{role}.md").write_text(markdown_table(summary[role], f"{role} — test split"))
@@ -427,6 +431,17 @@ def external_words(summary: dict[str, Any]) -> str:
     return f"on another hospital's images (`{Path(first['data']).name}`, n={first['n']}) AUC mal-vs-ben {aucs}."
 
 
+def teacher_choice_words(summary: dict[str, Any]) -> str:
+    """The model card's sentence on how the teacher was chosen."""
+    candidates = list(summary["teacher_selection"])
+    if len(candidates) > 1:
+        return f"Selected on validation among: {', '.join(candidates)}."
+    cv = summary.get("cross_validation", {}).get("teacher")
+    if cv:
+        return f"Recipe chosen by {cv['k']}-fold cross-validation on train+val (`reports/cv/{cv['run']}.json`)."
+    return "The preset's only teacher (nothing compared)."
+
+
 def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student: Path) -> None:
     t, s = summary["teacher"], summary["student"]
     tmeta, smeta = CheckpointMeta.read(teacher), CheckpointMeta.read(student)
@@ -439,7 +454,7 @@ def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student
 ## Models
 - `teacher.safetensors` — {teacher_description(tmeta)} Stored in fp16
   (share of test predictions identical to the fp32 training state: {_share(summary["teacher_fp16_test_agreement"])}).
-  Selected on validation among: {", ".join(summary["teacher_selection"])}.
+  {teacher_choice_words(summary)}
 - `student.safetensors` — MobileNetV3-Small (1.52 M parameters), trained from scratch
   (no ImageNet weights are obtainable offline), distilled from the frozen teacher with
   L = α·CE + (1−α)·T²·KL, T={smeta.training.kd_temperature}, α={smeta.training.alpha}, on
