@@ -33,6 +33,7 @@ from kdcore.cam_predictor import load_cam_predictor
 from kdcore.checkpoint import CheckpointMeta, save_checkpoint
 from kdcore.config import CLASS_NAMES, OFFLINE
 from kdcore.models import build_model
+from kdcore.operating_point import verdict_rule
 from kdcore.overlay import encode_jpeg
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -167,6 +168,9 @@ def test_live_session_annotates_frame_and_remembers_roi(cam_predictor):
     assert session.last_grey.shape == (384, 512)
     assert result.label in CLASS_NAMES and result.latency_ms > 0
     assert result.label in result.status_text() and "FPS" in result.status_text()
+    # The side panel says how the label was decided (it can be malignant while benign is more probable).
+    rule = verdict_rule(cam_predictor.predictor.meta.operating_point)
+    assert result.rule == rule and f"Verdict rule: {rule}" in result.status_markdown()
     image_part = result.frame_bgr[STATUS_BAR_HEIGHT:]
     np.testing.assert_array_equal(image_part[:40], frame[:40])  # outside the ROI: untouched
     assert np.abs(image_part[100:300, 100:500].astype(int) - frame[100:300, 100:500]).mean() > 5

@@ -14,7 +14,7 @@ import numpy as np
 
 from kdcore.cam_predictor import CamPredictor
 from kdcore.imaging import colour_share, grey_from_bgr, not_bmode_warning
-from kdcore.operating_point import decide
+from kdcore.operating_point import decide, verdict_rule
 from kdcore.overlay import overlay_heatmap
 
 STATUS_BAR_HEIGHT = 28
@@ -103,6 +103,7 @@ class LiveFrame:
     latency_ms: float
     fps: float
     colour_share: float = 0.0  # of the frame: B-mode ultrasound is grey
+    rule: str = ""  # how ``label`` was decided (the checkpoint's verdict rule)
 
     def status_text(self) -> str:
         flag = " | NOT B-MODE?" if not_bmode_warning(self.colour_share) else ""
@@ -116,7 +117,7 @@ class LiveFrame:
             f"**Student**: {self.label} ({self.probabilities[self.label]:.0%}, smoothed) · "
             f"{LATENCY_NAME} **{self.latency_ms:.1f} ms/frame** · **{self.fps:.1f} FPS**\n\n"
             f"{LATENCY_NAME}: grey conversion + student + Grad-CAM + overlay, running mean; "
-            "FPS: frames shown per second"
+            "FPS: frames shown per second" + (f"\n\nVerdict rule: {self.rule}" if self.rule else "")
         ) + (f"\n\n{warning}" if (warning := not_bmode_warning(self.colour_share)) else "")
 
 
@@ -163,7 +164,9 @@ class LiveSession:
         latency_ms = (time.perf_counter() - started) * 1000
         mean_latency = float(self.latency.update(np.array(latency_ms), LATENCY_SMOOTHING))
         fps = self.meter.tick(time.perf_counter())
-        result = LiveFrame(annotated, label, probabilities, mean_latency, fps, colour_share(frame_bgr, step=8))
+        result = LiveFrame(
+            annotated, label, probabilities, mean_latency, fps, colour_share(frame_bgr, step=8), verdict_rule(point)
+        )
         return replace(result, frame_bgr=with_status_bar(annotated, result.status_text()))
 
     def panel_due(self, now: float) -> bool:
