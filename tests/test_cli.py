@@ -452,7 +452,7 @@ def test_model_card_describes_the_teacher_from_its_record(tiny_checkpoints):
 
     from kdcore.checkpoint import CheckpointMeta
     from kdcore.config import OFFLINE
-    from kdcore.experiment.reports import teacher_description
+    from kdcore.experiment.model_card import teacher_description
 
     meta = CheckpointMeta.read(tiny_checkpoints["teacher"])
     assert teacher_description(meta).startswith("hybrid: ")

@@ -11,7 +11,7 @@ import pytest
 from test_cli import _external_folder_with_manifest
 
 from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, REPO_ROOT
-from kdcore.experiment import reports
+from kdcore.experiment import model_card, reports
 from kdcore.experiment.pipeline import cross_validation_results, external_results
 
 CV_DIR = REPO_ROOT / "reports" / "cv"
@@ -71,16 +71,16 @@ def test_results_carry_cross_validation_and_the_external_check(tmp_path, tiny_ch
     assert "`other_hospital` (another hospital, n=4; never trained or tuned on" in section
     assert section.count("\n| teacher |") == section.count("\n| student |") == 1
     auc = external["student"]["auc_malignant_vs_benign"]
-    assert f"student {auc:.3f}" in reports.external_words({"external": external})
-    assert reports.external_words({"external": {}}) == "no external validation."
+    assert f"student {auc:.3f}" in model_card.external_words({"external": external})
+    assert model_card.external_words({"external": {}}) == "no external validation."
 
 
 def test_the_model_card_says_how_the_teacher_was_chosen():
     one = {"teacher_selection": {"teacher_ensemble": {}}}
     cv = {"teacher": {"run": "ens_probe", "k": 5}}
-    assert reports.teacher_choice_words({**one, "cross_validation": cv}) == (
+    assert model_card.teacher_choice_words({**one, "cross_validation": cv}) == (
         "Recipe chosen by 5-fold cross-validation on train+val (`reports/cv/ens_probe.json`)."
     )
-    assert reports.teacher_choice_words(one) == "The preset's only teacher (nothing compared)."
+    assert model_card.teacher_choice_words(one) == "The preset's only teacher (nothing compared)."
     two = {"teacher_selection": {"a": {}, "b": {}}, "cross_validation": cv}
-    assert reports.teacher_choice_words(two) == "Selected on validation among: a, b."
+    assert model_card.teacher_choice_words(two) == "Selected on validation among: a, b."

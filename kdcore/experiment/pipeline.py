@@ -10,7 +10,7 @@ from typing import Any
 
 from kdcore.checkpoint import checkpoint_paths
 from kdcore.config import Preset, with_overrides
-from kdcore.experiment import benchmark, reports
+from kdcore.experiment import benchmark, model_card, reports
 from kdcore.experiment.protocol import BusiData, evaluate_checkpoint, load_busi, train_student, train_teacher
 from kdcore.experiment.runs import best_by_validation, is_done, student_runs, teacher_candidates, teacher_name
 from kdcore.runtime import CPU, Runtime
@@ -101,10 +101,10 @@ def write_reports(preset: Preset, args: argparse.Namespace, data: BusiData | Non
         "cross_validation": cross_validation_results(preset, reports_dir / "cv"),
         "external": {} if args.subset else external_results(ship_dir, args.external, args.split_file, reports_dir),
     }
-    reports.build(
-        data, runs, teachers, preset.alternative_epochs, teacher, student, done, reports_dir, ship_dir, efficiency,
-        context,
+    summary = reports.build(
+        data, runs, teachers, preset.alternative_epochs, teacher, student, done, reports_dir, efficiency, context
     )  # fmt: skip
+    model_card.write_model_card(summary, ship_dir / "MODEL_CARD.md", teacher, student)
 
 
 def cross_validation_results(preset: Preset, cv_dir: Path) -> dict[str, dict[str, Any]]:
