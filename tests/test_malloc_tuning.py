@@ -71,7 +71,8 @@ PAGE_FAULTS = textwrap.dedent(
     net = torch.nn.Sequential(conv(8, 16, 3, padding=1), torch.nn.ReLU(), conv(16, 8, 3, padding=1))
     x = torch.randn(8, 8, 384, 384)  # 38 MB in, 75 MB in the middle: above any mmap threshold glibc allows
     with torch.no_grad():
-        net(x)
+        for _ in range(2):  # warm-up: the heap grows to its working size
+            net(x)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(10):  # what a teacher-output pass does, batch after batch
             net(x)
@@ -86,7 +87,9 @@ def test_training_reuses_freed_memory_instead_of_faulting_it_in_again():
     _, default = _measured(PAGE_FAULTS, "default")
     assert applied == "True"
     assert default > 10 * 18_000  # each 75 MB activation mapped and zero-filled again (18,432 pages)
-    assert kept < 1_000  # measured: 0
+    # Kept: the heap settles within a pass or two (measured 0, once 36,864 = two activations
+    # after a single warm-up pass), never a fault-in per pass as by default.
+    assert kept < 3 * 18_432
 
 
 def test_user_settings_win(monkeypatch):
