@@ -7,6 +7,7 @@ threshold, otherwise the more probable of the other classes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -49,8 +50,9 @@ class OperatingPoint:
 ARGMAX_RULE = "the most probable class (this checkpoint has no operating point)"
 
 
+@functools.lru_cache(maxsize=16)
 def verdict_rule(point: OperatingPoint | None) -> str:
-    """How a model's verdict is made, in words."""
+    """How a model's verdict is made, in words (cached: the live tab asks on every frame)."""
     return point.describe() if point else ARGMAX_RULE
 
 

@@ -5,6 +5,8 @@ on 500 images this beats stochastic training of the same head (see reports/cv)."
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +65,26 @@ def fit_logistic(
     return weight.detach().float(), bias.detach().float()
 
 
+@dataclass(frozen=True)
+class StandardisedProbe:
+    """Feature standardiser (population mean / variance) and the logistic layer behind it."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features - self.mean) / (self.var + STANDARDISE_EPS).sqrt()) @ self.weight.T + self.bias
+
+
+def fit_standardised_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, c: float) -> StandardisedProbe:
+    """Standardise ``features`` as the model's BatchNorm will, then fit the logistic layer."""
+    mean, var = features.mean(0), features.var(0, unbiased=False)
+    weight, bias = fit_logistic((features - mean) / (var + STANDARDISE_EPS).sqrt(), labels, classes, c)
+    return StandardisedProbe(mean, var, weight, bias)
+
+
 def probe_training_features(
     model: FeatureEnsemble, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,14 +115,12 @@ def fit_probe_head(
     if not isinstance(model, FeatureEnsemble):
         raise ValueError("head_fit probe/probe_sgd needs an ensemble teacher (model.kind=ensemble)")
     features, feature_labels = probe_training_features(model, images, labels, preprocess, cfg)
-    mean, var = features.mean(0), features.var(0, unbiased=False)
-    standardised = (features - mean) / (var + STANDARDISE_EPS).sqrt()
-    weight, bias = fit_logistic(standardised, feature_labels, model.classifier.out_features, cfg.probe_c)
+    probe = fit_standardised_probe(features, feature_labels, model.classifier.out_features, cfg.probe_c)
     with torch.no_grad():
-        model.standardise.running_mean.copy_(mean)
-        model.standardise.running_var.copy_(var)
-        model.classifier.weight.copy_(weight)
-        model.classifier.bias.copy_(bias)
+        model.standardise.running_mean.copy_(probe.mean)
+        model.standardise.running_var.copy_(probe.var)
+        model.classifier.weight.copy_(probe.weight)
+        model.classifier.bias.copy_(probe.bias)
     model.eval()
     row = {"epoch": 0, "train_samples": len(features), **validation_scores(model, val_images, val_labels, preprocess)}
     state = {k: v.clone() for k, v in model.state_dict().items()}
