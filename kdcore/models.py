@@ -242,6 +242,12 @@ class HybridTeacher(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def mirror_average(both: torch.Tensor) -> torch.Tensor:
+    """Maps of a batch ``[x, x mirrored]`` -> the mean of each map and its mirror's, mirrored back."""
+    plain, mirrored = both.chunk(2)
+    return 0.5 * (plain + mirrored.flip(3))
+
+
 class FeatureEnsemble(nn.Module):
     """Teacher made of several ImageNet CNNs that see the same [0, 1] image, each normalised
     with its own statistics. Their last maps (the same stride, so the same grid) are joined
@@ -278,9 +284,7 @@ class FeatureEnsemble(nn.Module):
         maps = []
         for member, norm in zip(self.members, self.norms):
             if self.flip_average and not self.training:
-                both = member.forward_features(norm(torch.cat([x, x.flip(3)])))
-                plain, mirrored = both.chunk(2)
-                maps.append(0.5 * (plain + mirrored.flip(3)))
+                maps.append(mirror_average(member.forward_features(norm(torch.cat([x, x.flip(3)])))))
             else:
                 maps.append(member.forward_features(norm(x)))
         return self.joined(torch.cat(maps, dim=1))

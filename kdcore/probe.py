@@ -75,13 +75,18 @@ class StandardisedProbe:
     bias: torch.Tensor
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return ((features - self.mean) / (self.var + STANDARDISE_EPS).sqrt()) @ self.weight.T + self.bias
+        return standardised(features, self.mean, self.var) @ self.weight.T + self.bias
+
+
+def standardised(features: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """What the model's (eval-mode, affine-free) BatchNorm computes."""
+    return (features - mean) / (var + STANDARDISE_EPS).sqrt()
 
 
 def fit_standardised_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, c: float) -> StandardisedProbe:
     """Standardise ``features`` as the model's BatchNorm will, then fit the logistic layer."""
     mean, var = features.mean(0), features.var(0, unbiased=False)
-    weight, bias = fit_logistic((features - mean) / (var + STANDARDISE_EPS).sqrt(), labels, classes, c)
+    weight, bias = fit_logistic(standardised(features, mean, var), labels, classes, c)
     return StandardisedProbe(mean, var, weight, bias)
 
 

@@ -28,15 +28,14 @@ import torch
 from torch import nn
 
 from kdcore.config import CLASS_NAMES, DEFAULT_DATA_DIR, DEFAULT_SPLIT_FILE, REPO_ROOT
-from kdcore.data import cross_validation_folds
+from kdcore.experiment.cv import fold_data
 from kdcore.experiment.protocol import BusiData, load_busi
 from kdcore.metrics import fast_headline
-from kdcore.models import create_backbone
+from kdcore.models import Normalize, create_backbone, mirror_average
 from kdcore.probe import fit_standardised_probe
 
 BLOCK_TAPS = {"block4": 4, "block5": 5, "block6": 6}  # EfficientNet stage outputs (stride 16, 32, 32)
 TAPS = (*BLOCK_TAPS, "head")  # head: the last map, what the shipped teacher pools
-SHIPPED = ("tf_efficientnet_lite0", "tf_efficientnet_lite2"), 260, ("head",), ("mean",), 0.01
 
 
 @dataclass(frozen=True)
@@ -54,12 +53,14 @@ class FeatureSet:
         return f"{nets} {self.size}px {'+'.join(self.taps)} {'+'.join(self.pooling)}"
 
 
+SHIPPED = FeatureSet(("tf_efficientnet_lite0", "tf_efficientnet_lite2"), 260, ("head",), ("mean",)), 0.01
+
+
 @torch.no_grad()
 def pooled_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 16) -> dict[str, np.ndarray]:
     """``{f"{tap}/{pooling}": (N, C)}`` of (N, 1, S, S) uint8 images: each tap's map averaged
     with its mirror image's (mirrored back), then mean- and max-pooled."""
-    cfg = backbone.pretrained_cfg
-    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    normalize = Normalize(backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"])
     taps: dict[str, torch.Tensor] = {}
     hooks = [
         backbone.blocks[index].register_forward_hook(lambda _m, _i, out, tap=tap: taps.__setitem__(tap, out))
@@ -69,11 +70,10 @@ def pooled_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 16)
     try:
         backbone.eval()
         for chunk in images.split(batch_size):
-            x = (chunk.float().expand(-1, 3, -1, -1) / 255.0 - mean) / std
+            x = normalize(chunk.float().expand(-1, 3, -1, -1) / 255.0)
             taps["head"] = backbone.forward_features(torch.cat([x, x.flip(3)]))
             for tap, both in taps.items():
-                plain, mirrored = both.chunk(2)
-                averaged = 0.5 * (plain + mirrored.flip(3))
+                averaged = mirror_average(both)
                 pooled.setdefault(f"{tap}/mean", []).append(averaged.mean(dim=(2, 3)))
                 pooled.setdefault(f"{tap}/max", []).append(averaged.amax(dim=(2, 3)))
     finally:
@@ -124,13 +124,10 @@ def cross_validated_probe(
 
 
 def fold_indices(data: BusiData, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``train.py cv``'s folds of train+val as indices into train + val order."""
-    pool = data.records["train"] + data.records["val"]
-    position = {r.file: i for i, r in enumerate(pool)}
-    return [
-        (np.array([position[r.file] for r in train]), np.array([position[r.file] for r in held_out]))
-        for train, held_out in cross_validation_folds(pool, k=k)
-    ]
+    """``train.py cv``'s folds (``fold_data``) as indices into train + val order."""
+    position = {r.file: i for i, r in enumerate(data.records["train"] + data.records["val"])}
+    folds = [fold_data(data, fold, k).records for fold in range(k)]
+    return [tuple(np.array([position[r.file] for r in fold[side]]) for side in ("train", "val")) for fold in folds]
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -139,9 +136,7 @@ def mean_std(values: Sequence[float]) -> str:
 
 def sweep_table(rows: list[tuple[FeatureSet, float, int, list[dict[str, float | None]]]]) -> str:
     """Markdown: one row per (feature set, C), with the paired accuracy difference to the shipped recipe."""
-    shipped = next(
-        (scores for fs, c, _, scores in rows if (fs.members, fs.size, fs.taps, fs.pooling, c) == SHIPPED), None
-    )
+    shipped = next((scores for fs, c, _, scores in rows if (fs, c) == SHIPPED), None)
     k = len(rows[0][3])
     lines = [
         "| features | C | width | accuracy | balanced accuracy | AUC mal vs ben | Δ accuracy vs shipped (paired) | "
@@ -183,7 +178,7 @@ def run_sweep(args: argparse.Namespace, command: str) -> str:
         f"# Linear-probe teacher: feature sweep\n\n`{command}`\n\n{args.k}-fold group-aware CV on "
         f"train+val ({len(labels)} images, the folds of `train.py cv`; the test split is not read). "
         "Probe: class-balanced L2 logistic regression on standardised features (`kdcore.probe`), "
-        f"flip-averaged maps. Shipped teacher: {FeatureSet(*SHIPPED[:4]).label}, C {SHIPPED[4]:g}. "
+        f"flip-averaged maps. Shipped teacher: {SHIPPED[0].label}, C {SHIPPED[1]:g}. "
         "Mean ± std over folds; Δ: this row's accuracy minus the shipped recipe's, fold by fold. "
         f"{len(rows)} rows in {time.time() - started:.0f} s (features not already cached included), "
         f"{os.cpu_count()} CPU cores.\n\n"
