@@ -63,13 +63,20 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
         help="pinned host memory for batches (default: on with CUDA)",
     )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of this process (default 0: PyTorch's, one per core); give each of several "
+        "jobs sharing the cores its share, e.g. 1 for two jobs on 2 cores",
+    )
 
 
 def runtime_config(args: argparse.Namespace):
     """The command line's ``RuntimeConfig`` (device only for evaluation commands)."""
     from kdcore.runtime import RuntimeConfig
 
-    names = ("device", "amp", "channels_last", "pin_memory", "workers")
+    names = ("device", "amp", "channels_last", "pin_memory", "workers", "threads")
     return RuntimeConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
 

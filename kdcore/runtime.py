@@ -36,6 +36,7 @@ class RuntimeConfig:
     channels_last: bool = True
     pin_memory: bool | None = None  # None: on with CUDA
     workers: int = 0
+    threads: int = 0  # CPU threads of this process; 0: PyTorch's default (one per core)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,10 @@ def resolve_runtime(cfg: RuntimeConfig, env: dict[str, str] | None = None) -> Ru
     device = resolve_device(cfg.device)
     if cfg.workers < 0:
         raise RuntimeError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.threads < 0:
+        raise RuntimeError(f"--threads must be >= 1 (or 0 for PyTorch's default), got {cfg.threads}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     world_size, rank, local_rank = (int(env.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     if world_size > 1:
         if device.type == "cuda":
@@ -203,6 +208,7 @@ def describe(runtime: Runtime, global_batch: int, lr: float) -> str:
     amp = runtime.record()["amp"]
     return (
         f"runtime: {where}, amp {amp}, channels_last {runtime.channels_last}, workers {runtime.workers}, "
+        f"CPU threads {torch.get_num_threads()}, "
         f"pin_memory {runtime.pin_memory}; global batch {global_batch} = {runtime.world_size} x {per_rank} "
         f"per process; lr {lr:g} as set (not rescaled: the global batch is the recipe's)"
     )

@@ -4,6 +4,7 @@ weights as one process with the same global batch, and resumes from its saved ep
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from kdcore.checkpoint import CheckpointMeta
 from kdcore.config import REPO_ROOT
-from kdcore.runtime import Runtime, RuntimeConfig, resolve_amp, resolve_device, resolve_runtime
+from kdcore.runtime import Runtime, RuntimeConfig, describe, resolve_amp, resolve_device, resolve_runtime
 
 TRAIN_PY = REPO_ROOT / "train.py"
 # Tiny and deterministic: 18 training images, 2 steps of a global batch of 8 per epoch; no
@@ -46,6 +47,21 @@ def test_auto_device_is_this_machines_cpu():
     runtime = resolve_runtime(RuntimeConfig(), env={})
     assert (runtime.world_size, runtime.rank, runtime.amp_dtype, runtime.is_main) == (1, 0, None, True)
     assert runtime.record()["device"] == "cpu" and runtime.pin_memory is False  # pinning is for CUDA
+
+
+def test_threads_option_sets_this_processs_cpu_threads():
+    """Beside another job on 2 cores, a student epoch took 33 s with PyTorch's 2 threads per
+    job and 7 s with one: the option must reach torch and the run's log line."""
+    before = torch.get_num_threads()
+    try:
+        runtime = resolve_runtime(RuntimeConfig(threads=1), env={})
+        assert torch.get_num_threads() == 1 and "CPU threads 1," in describe(runtime, 32, 1e-3)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="--threads must be >= 1"):
+        resolve_runtime(RuntimeConfig(threads=-1), env={})
+    train = importlib.import_module("train")
+    assert train.runtime_config(train.build_parser().parse_args(["cv", "--name", "x", "--threads", "1"])).threads == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
