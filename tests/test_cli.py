@@ -396,6 +396,9 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
     result = json.loads((tmp_path / "reports" / "cv" / "t.json").read_text())
     fold = result["folds"][0]
     assert fold["fold"] == 0 and fold["n"] == len(fold["files"]) == len(fold["probabilities"]) > 0
+    lesions = sum(label != "normal" for label in fold["labels"])
+    assert 0 < fold["pointing_game_n"] <= lesions and 0 <= fold["pointing_game"] <= 1
+    assert result["mean_std"]["pointing_game"] == {"mean": fold["pointing_game"], "std": 0.0, "folds": 1}
     train_files = {r.file for r in read_split_file(DEFAULT_SPLIT_FILE) if r.split in ("train", "val")}
     assert set(fold["files"]) <= train_files  # never a test image
     assert result["recipe"]["train"]["epochs"] == 1
@@ -425,6 +428,14 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
     before = (tmp_path / "reports" / "cv" / "t.json").read_text()
     code, _, _ = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places)
     assert code == 0 and (tmp_path / "reports" / "cv" / "t.json").read_text() == before  # resumed: nothing redone
+    assert f"| {result['mean_std']['pointing_game']['mean']:.3f} ± 0.000 (1) |" in table
+    # A fold scored before the pointing game was measured gets it on a rerun (its model is on disk).
+    older = json.loads(before)
+    del older["folds"][0]["pointing_game"], older["mean_std"]["pointing_game"]
+    (tmp_path / "reports" / "cv" / "t.json").write_text(json.dumps(older))
+    code, out, _ = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places)
+    assert code == 0 and "pointing game added for folds [0]" in out
+    assert json.loads((tmp_path / "reports" / "cv" / "t.json").read_text()) == json.loads(before)
     code, _, err = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places, "--set", "lr=1e-3")
     assert code == 2 and "another recipe (train.lr differ)" in err  # never two recipes in one mean
     code, _, err = run_main(capsys, "cv", "--name", "u", "--role", "student", "--teacher-cv", "gone", *common, *places)

@@ -3,8 +3,10 @@
 Each fold trains the recipe on the other folds for its fixed schedule (``keep=last``: nothing
 is selected on the held-out fold) and scores the held-out fold once. The folds come from
 ``StratifiedGroupKFold`` over the near-duplicate groups, so no group is on both sides; the test
-split is never read. Results go to ``reports/cv/NAME.json`` (per-fold scores, mean ± std and
-the out-of-fold probabilities); folds already scored are skipped, so a run resumes.
+split is never read. Results go to ``reports/cv/NAME.json`` (per-fold scores, the Grad-CAM
+pointing game on the fold's lesion images, mean ± std and the out-of-fold probabilities); folds
+already scored are skipped, so a run resumes, and a rerun adds the pointing game to folds scored
+before it was measured while their models are still on disk.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import torch
 from kdcore.checkpoint import checkpoint_paths
 from kdcore.config import CLASS_NAMES, Recipe
 from kdcore.data import cross_validation_folds, label_indices
+from kdcore.experiment.localisation import pointing_game
 from kdcore.experiment.protocol import BusiData, train_student, train_teacher
-from kdcore.inference import load_predictor
+from kdcore.inference import Predictor, load_predictor
 from kdcore.metrics import evaluate_predictions
 from kdcore.operating_point import POSITIVE_CLASS, TARGET_SENSITIVITY, choose_operating_point
 from kdcore.runtime import CPU, Runtime, barrier
 
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "malignant_recall", "auc_malignant_vs_benign")
+POINTING_GAME = "pointing_game"  # per fold since 2026-12-04; older folds may lack it
 ROLES = ("teacher", "student", "scratch")
 SPECIFICITY_AT_TARGET = f"specificity_at_sensitivity_{TARGET_SENSITIVITY:.2f}"
 CV_README = """# Cross-validation results
@@ -38,8 +42,10 @@ with the recipe stored in `NAME.json`; mean ± std over folds, uncalibrated out-
 the fold models trained for their fixed schedule (nothing selected on the held-out fold).
 "OOF specificity at sensitivity 0.90": of the pooled out-of-fold malignant probabilities, the
 share of non-malignant images below the highest threshold that still catches 90 % of the
-malignant ones (how much a recipe's verdict rule would cost). Wall seconds on the 2-core CPU
-machine.
+malignant ones (how much a recipe's verdict rule would cost). "Pointing game": the share of the
+held-out lesion images whose Grad-CAM peak lies inside the lesion mask (folds scored before it was
+measured, whose models are gone, are left out: the count says how many). Wall seconds on the
+2-core CPU machine.
 
 """
 
@@ -88,20 +94,30 @@ def fold_result(checkpoint: Path, data: BusiData) -> dict[str, Any]:
     scores = evaluate_predictions(y_true, probs)
     return {
         **{key: scores[key] for key in ("n", *HEADLINE)},
+        **localisation(predictor, data),
         "files": [r.file for r in data.records["val"]],
         "labels": [r.label for r in data.records["val"]],
         "probabilities": np.round(probs, 5).tolist(),
     }
 
 
+def localisation(predictor: Predictor, data: BusiData) -> dict[str, Any]:
+    """The pointing game on the held-out fold's lesion images and how many there were."""
+    game = pointing_game(predictor, data, split="val")
+    return {POINTING_GAME: game["pointing_game"], "pointing_game_n": game["n"]}
+
+
 def summarise(folds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± std over folds of each headline score (folds where it is undefined are skipped)."""
     summary: dict[str, Any] = {}
-    for key in HEADLINE:
-        values = [f[key] for f in folds if f[key] is not None]
+    for key in (*HEADLINE, POINTING_GAME):
+        values = [f[key] for f in folds if f.get(key) is not None]
+        if key == POINTING_GAME and not values:
+            continue
         summary[key] = {
             "mean": float(np.mean(values)),
             "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            **({"folds": len(values)} if key == POINTING_GAME else {}),
         }
     return summary
 
@@ -146,6 +162,8 @@ def run_cv(
     done = completed_folds(out_json)
     if done:
         _check_same_recipe(out_json, role, recipe, k, teacher_cv)
+        if runtime.is_main:
+            _add_missing_localisation(out_json, runs_dir / name, data, k)
     todo = [fold for fold in (folds if folds is not None else range(k)) if fold not in done]
     if role == "student":
         _check_fold_teachers(runs_dir / teacher_cv, todo)
@@ -163,6 +181,25 @@ def run_cv(
         _write(out_json, name, role, recipe, k, teacher_cv, [done[f] for f in sorted(done)])
     barrier(runtime)  # rank 0 has written the results
     return json.loads(out_json.read_text())
+
+
+def _add_missing_localisation(out_json: Path, runs: Path, data: BusiData, k: int) -> None:
+    """Score the pointing game of folds scored before it was measured, where the fold's model
+    is still on disk and was scored on the same held-out images."""
+    result = json.loads(out_json.read_text())
+    added = []
+    for fold in result["folds"]:
+        checkpoint = runs / f"fold{fold['fold']}"
+        if POINTING_GAME in fold or not checkpoint_paths(checkpoint)[0].is_file():
+            continue
+        data_k = fold_data(data, fold["fold"], k)
+        if fold["files"] == [r.file for r in data_k.records["val"]]:
+            fold.update(localisation(load_predictor(checkpoint), data_k))
+            added.append(fold["fold"])
+    if added:
+        result["mean_std"] = summarise(result["folds"])
+        out_json.write_text(json.dumps(result, indent=1))
+        print(f"[cv {result['name']}] pointing game added for folds {added}", flush=True)
 
 
 def _check_fold_teachers(teacher_runs: Path, folds: list[int]) -> None:
@@ -220,16 +257,19 @@ def cv_table(results_dir: Path) -> str:
     """Markdown table of every CV result in ``results_dir``: mean ± std over folds."""
     rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
     lines = [
-        "| recipe | role | folds | " + " | ".join(HEADLINE) + " | OOF specificity at sensitivity 0.90 | wall s |",
-        "|---|---|---|" + "---|" * len(HEADLINE) + "---|---|",
-    ]
+        "| recipe | role | folds | " + " | ".join(HEADLINE)
+        + " | OOF specificity at sensitivity 0.90 | pointing game (folds) | wall s |",
+        "|---|---|---|" + "---|" * len(HEADLINE) + "---|---|---|",
+    ]  # fmt: skip
     for r in rows:
         cells = [f"{r['mean_std'][k]['mean']:.3f} ± {r['mean_std'][k]['std']:.3f}" for k in HEADLINE]
         specificity = pooled_scores(r["folds"])[SPECIFICITY_AT_TARGET]
+        game = r["mean_std"].get(POINTING_GAME)
+        game_cell = f"{game['mean']:.3f} ± {game['std']:.3f} ({game['folds']})" if game else "n/a"
         lines.append(
             f"| {r['name']} | {r['role']} | {len(r['folds'])}/{r['k']} | "
             + " | ".join(cells)
-            + f" | {specificity:.3f} | {r['cpu_seconds_wall']:.0f} |"
+            + f" | {specificity:.3f} | {game_cell} | {r['cpu_seconds_wall']:.0f} |"
         )
     return "\n".join(lines) + "\n\n" + fold_table(rows)
 

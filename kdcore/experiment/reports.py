@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdcore.cam import grad_cam
 from kdcore.checkpoint import CheckpointMeta
 from kdcore.config import CLASS_NAMES
-from kdcore.data import label_indices, lesion_mask
+from kdcore.data import label_indices
+from kdcore.experiment.localisation import pointing_game
 from kdcore.experiment.protocol import BusiData
 from kdcore.experiment.runs import StudentRun
 from kdcore.inference import Predictor, load_predictor
@@ -28,7 +28,6 @@ from kdcore.metrics import (
     plot_training_curves,
 )
 from kdcore.models import load_tensor_file
-from kdcore.overlay import cam_peak
 
 PAPER_TABLE1 = {  # class -> (teacher P, R, F1, student P, R, F1), from the paper
     "benign": (0.96, 0.89, 0.92, 0.96, 0.91, 0.93),
@@ -62,24 +61,6 @@ def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
     if not vals:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
-
-
-def pointing_game(predictor: Predictor, data: BusiData) -> dict[str, Any]:
-    """Share of lesion test images whose Grad-CAM peak lies inside a lesion mask, vs chance."""
-    hits, areas = [], []
-    for record, grey in tqdm(
-        zip(data.records["test"], data.greys["test"]), desc=f"pointing game {predictor.name}", leave=False
-    ):
-        if record.label == "normal":
-            continue
-        mask = lesion_mask(data.root, record)
-        if mask is None:
-            continue
-        _, heatmap = grad_cam(predictor, grey)
-        row, col = cam_peak(heatmap, *mask.shape)
-        hits.append(bool(mask[row, col]))
-        areas.append(float(mask.mean()))
-    return {"n": len(hits), "pointing_game": float(np.mean(hits)), "chance_rate": float(np.mean(areas))}
 
 
 def fp16_agreement(teacher_path: Path, data: BusiData, logits_fp16: np.ndarray) -> float | None:
