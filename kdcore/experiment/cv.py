@@ -109,17 +109,15 @@ def localisation(predictor: Predictor, data: BusiData) -> dict[str, Any]:
 
 def summarise(folds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± std over folds of each headline score (folds where it is undefined are skipped)."""
-    summary: dict[str, Any] = {}
-    for key in (*HEADLINE, POINTING_GAME):
-        values = [f[key] for f in folds if f.get(key) is not None]
-        if key == POINTING_GAME and not values:
-            continue
-        summary[key] = {
-            "mean": float(np.mean(values)),
-            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            **({"folds": len(values)} if key == POINTING_GAME else {}),
-        }
+    summary = {key: _mean_std([f[key] for f in folds if f[key] is not None]) for key in HEADLINE}
+    games = [f[POINTING_GAME] for f in folds if f.get(POINTING_GAME) is not None]
+    if games:  # folds scored before it was measured lack it: say over how many folds
+        summary[POINTING_GAME] = {**_mean_std(games), "folds": len(games)}
     return summary
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def pooled_predictions(folds: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,8 +160,9 @@ def run_cv(
     done = completed_folds(out_json)
     if done:
         _check_same_recipe(out_json, role, recipe, k, teacher_cv)
-        if runtime.is_main:
-            _add_missing_localisation(out_json, runs_dir / name, data, k)
+        if runtime.is_main and (added := _add_missing_localisation(done, runs_dir / name, data, k)):
+            _write(out_json, name, role, recipe, k, teacher_cv, [done[f] for f in sorted(done)])
+            print(f"[cv {name}] pointing game added for folds {added}", flush=True)
     todo = [fold for fold in (folds if folds is not None else range(k)) if fold not in done]
     if role == "student":
         _check_fold_teachers(runs_dir / teacher_cv, todo)
@@ -183,23 +182,19 @@ def run_cv(
     return json.loads(out_json.read_text())
 
 
-def _add_missing_localisation(out_json: Path, runs: Path, data: BusiData, k: int) -> None:
-    """Score the pointing game of folds scored before it was measured, where the fold's model
-    is still on disk and was scored on the same held-out images."""
-    result = json.loads(out_json.read_text())
+def _add_missing_localisation(folds: dict[int, dict[str, Any]], runs: Path, data: BusiData, k: int) -> list[int]:
+    """Score, in place, the pointing game of folds scored before it was measured, where the
+    fold's model is still on disk and was scored on the same held-out images; returns them."""
     added = []
-    for fold in result["folds"]:
-        checkpoint = runs / f"fold{fold['fold']}"
+    for number, fold in folds.items():
+        checkpoint = runs / f"fold{number}"
         if POINTING_GAME in fold or not checkpoint_paths(checkpoint)[0].is_file():
             continue
-        data_k = fold_data(data, fold["fold"], k)
+        data_k = fold_data(data, number, k)
         if fold["files"] == [r.file for r in data_k.records["val"]]:
             fold.update(localisation(load_predictor(checkpoint), data_k))
-            added.append(fold["fold"])
-    if added:
-        result["mean_std"] = summarise(result["folds"])
-        out_json.write_text(json.dumps(result, indent=1))
-        print(f"[cv {result['name']}] pointing game added for folds {added}", flush=True)
+            added.append(number)
+    return added
 
 
 def _check_fold_teachers(teacher_runs: Path, folds: list[int]) -> None:
