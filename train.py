@@ -34,6 +34,7 @@ from kdcore.config import (
     Preset,
     Recipe,
     get_preset,
+    scratch_recipe,
 )
 
 
@@ -212,6 +213,8 @@ def command_recipe(preset: Preset, args: argparse.Namespace) -> Recipe:
             raise ValueError(f"preset {preset.name!r} has no extra student")
         train_cfg = preset.extra_student_train or preset.student_train
         recipe = Recipe(preset.extra_student, preset.student_preprocess, train_cfg)
+    elif args.command == "scratch" or getattr(args, "role", "") == "scratch":
+        recipe = Recipe(preset.student, preset.student_preprocess, scratch_recipe(preset))
     else:
         recipe = Recipe(preset.student, preset.student_preprocess, preset.student_train)
     return recipe.with_settings(shorthand_settings(args))

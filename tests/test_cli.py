@@ -345,12 +345,14 @@ def test_teacher_student_scratch_smoke_on_busi(busi_dir, tmp_path, capsys):
     teacher_sha = json.loads((tmp_path / "teacher.json").read_text())["weights_sha256"]
     assert config["teacher_weights_sha256"] == teacher_sha
     assert config["history"][0]["train_kd"] > 0  # it really distilled
+    assert config["training"]["mask_weight"] == 1 and config["history"][0]["train_mask"] > 0  # lesion-guided
 
     code, _, err = run_main(capsys, "scratch", *common, "--out", tmp_path / "scratch")
     assert code == 0, err[-3000:]
     config = _check_trained(tmp_path / "scratch.safetensors", "student_scratch")
     assert config["history"][0]["train_kd"] == 0
     assert not config["teacher_weights_sha256"]  # trained without a teacher
+    assert config["training"]["mask_weight"] == 0 and config["history"][0]["train_mask"] == 0  # nor its masks
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
         "scratch.safetensors",
         "student.safetensors",
@@ -383,7 +385,12 @@ def test_all_smoke_on_busi_ships_models_and_writes_reports(busi_dir, tmp_path):
     assert "External check: not run" in (reports / "results.md").read_text()
     # One teacher, nothing compared on validation: no selection table; the card says so.
     assert not (reports / "teacher_selection.md").exists()
-    assert "The preset's only teacher (nothing compared)." in (ship / "MODEL_CARD.md").read_text()
+    card = (ship / "MODEL_CARD.md").read_text()
+    assert "The preset's only teacher (nothing compared)." in card
+    assert "pulled into the training images' lesion masks (+ 1 ·" in card  # the shipped recipe's guidance
+    assert {"mobilenetv3_kd_s0", "mobilenetv3_scratch_s0"} <= set(summary["per_seed"])
+    scratch = json.loads((runs / "offline" / "mobilenetv3_scratch_s0.json").read_text())
+    assert scratch["training"]["mask_weight"] == 0  # the ablation: no teacher, no masks
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_cli import _external_folder_with_manifest
 
-from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, REPO_ROOT
+from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, REPO_ROOT, scratch_recipe
 from kdcore.experiment import model_card, reports
 from kdcore.experiment.pipeline import cross_validation_results, external_results
 
@@ -28,7 +28,8 @@ def _preset_recipe(row: str) -> dict:
     if row == "teacher":
         model, preprocess, train = OFFLINE.teacher, OFFLINE.teacher_preprocess, OFFLINE.teacher_train
     else:
-        model, preprocess, train = OFFLINE.student, OFFLINE.student_preprocess, OFFLINE.student_train
+        train = scratch_recipe(OFFLINE) if row == "scratch" else OFFLINE.student_train
+        model, preprocess = OFFLINE.student, OFFLINE.student_preprocess
     return json.loads(json.dumps({"model": asdict(model), "preprocess": asdict(preprocess), "train": asdict(train)}))
 
 
@@ -84,3 +85,15 @@ def test_the_model_card_says_how_the_teacher_was_chosen():
     assert model_card.teacher_choice_words(one) == "The preset's only teacher (nothing compared)."
     two = {"teacher_selection": {"a": {}, "b": {}}, "cross_validation": cv}
     assert model_card.teacher_choice_words(two) == "Selected on validation among: a, b."
+
+
+def test_the_protocol_scratch_rows_drop_the_teacher_and_the_lesion_masks():
+    """The ablation is the student alone: no teacher and no mask guidance, seed by seed."""
+    from kdcore.experiment.runs import student_runs
+
+    runs = student_runs(OFFLINE, (0, 1), None, include_extra=False)
+    kd = [r for r in runs if r.with_teacher]
+    scratch = [r for r in runs if not r.with_teacher]
+    assert [r.name for r in scratch] == ["mobilenetv3_scratch_s0", "mobilenetv3_scratch_s1"]
+    assert all(r.train.mask_weight == 1 for r in kd) and all(r.train.mask_weight == 0 for r in scratch)
+    assert [replace(r.train, mask_weight=1) for r in scratch] == [r.train for r in kd]

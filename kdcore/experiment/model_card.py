@@ -95,10 +95,22 @@ def teacher_choice_words(summary: dict[str, Any]) -> str:
     return "The preset's only teacher (nothing compared)."
 
 
+def mask_guidance_words(mask_weight: float) -> str:
+    """The student's lesion-mask guidance term, or nothing when its recipe has none."""
+    if mask_weight <= 0:
+        return ""
+    return (
+        f"its attention pulled into the training images' lesion masks (+ {mask_weight:g} · −log of the\n"
+        "  share of its last feature map's energy inside the lesion), "
+    )
+
+
 def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student: Path) -> None:
     t, s = summary["teacher"], summary["student"]
     tmeta, smeta = CheckpointMeta.read(teacher), CheckpointMeta.read(student)
     loc = summary["localisation"]
+    guidance = mask_guidance_words(smeta.training.mask_weight)
+    kept = "the last epoch kept" if smeta.training.keep == "last" else "best on validation"
     card = (
         f"""# Model card — BUSI teacher and distilled student
 
@@ -113,7 +125,7 @@ def write_model_card(summary: dict[str, Any], path: Path, teacher: Path, student
   L = α·CE + (1−α)·T²·KL, T={smeta.training.kd_temperature}, α={smeta.training.alpha}, on
   {smeta.training.views_per_image} fixed augmented + {smeta.training.mixup_views} mixup views per image whose teacher
   outputs are computed once and cached exactly (the same views for teacher and student),
-  {smeta.training.epochs} epochs ({"the last epoch kept" if smeta.training.keep == "last" else "best on validation"}).
+  {guidance}{smeta.training.epochs} epochs ({kept}).
   Run `{s["run"]}`, the seed with the best validation score.
 - Each JSON holds model args, preprocessing, training config, split-file sha256, validation
   history and the temperature fitted on validation (used at inference).

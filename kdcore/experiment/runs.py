@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcore.checkpoint import CheckpointMeta, checkpoint_paths
-from kdcore.config import ModelConfig, Preset, TrainConfig, with_overrides
+from kdcore.config import ModelConfig, Preset, TrainConfig, scratch_recipe, with_overrides
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,20 @@ def teacher_name(cfg: ModelConfig) -> str:
 
 def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, include_extra: bool) -> list[StudentRun]:
     """KD and scratch runs of the student and the extra (EfficientNet-Lite0) student, per seed."""
-    rows = [("mobilenetv3", preset.student, preset.student_train)]
+    rows = [("mobilenetv3", preset.student, preset.student_train, scratch_recipe(preset))]
     if include_extra and preset.extra_student is not None:
-        rows.append(("efficientnet_lite0", preset.extra_student, preset.extra_student_train or preset.student_train))
+        extra_train = preset.extra_student_train or preset.student_train
+        rows.append(("efficientnet_lite0", preset.extra_student, extra_train, extra_train))
     return [
         StudentRun(
-            f"{prefix}_{'kd' if kd else 'scratch'}", model, with_overrides(train, seed=seed, epochs=epochs), kd, seed
+            f"{prefix}_{'kd' if kd else 'scratch'}",
+            model,
+            with_overrides(kd_train if kd else scratch_train, seed=seed, epochs=epochs),
+            kd,
+            seed,
         )
         for seed in seeds  # seed-major order: an interrupted run still has every row
-        for prefix, model, train in rows
+        for prefix, model, kd_train, scratch_train in rows
         for kd in (True, False)
     ]
 
