@@ -33,6 +33,7 @@ from kdcore.config import (
     REPO_ROOT,
     Preset,
     Recipe,
+    extra_student_recipe,
     get_preset,
     scratch_recipe,
 )
@@ -211,8 +212,7 @@ def command_recipe(preset: Preset, args: argparse.Namespace) -> Recipe:
     elif getattr(args, "extra", False):
         if preset.extra_student is None:
             raise ValueError(f"preset {preset.name!r} has no extra student")
-        train_cfg = preset.extra_student_train or preset.student_train
-        recipe = Recipe(preset.extra_student, preset.student_preprocess, train_cfg)
+        recipe = Recipe(preset.extra_student, preset.student_preprocess, extra_student_recipe(preset))
     elif args.command == "scratch" or getattr(args, "role", "") == "scratch":
         recipe = Recipe(preset.student, preset.student_preprocess, scratch_recipe(preset))
     else:

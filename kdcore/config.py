@@ -191,6 +191,11 @@ OFFLINE = Preset(
 )
 
 
+def extra_student_recipe(preset: Preset) -> TrainConfig:
+    """The training config of the preset's extra student (KD and scratch alike)."""
+    return preset.extra_student_train or preset.student_train
+
+
 def scratch_recipe(preset: Preset) -> TrainConfig:
     """The training config of the preset's student without a teacher (the ablation row)."""
     return preset.scratch_train or preset.student_train

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcore.checkpoint import CheckpointMeta, checkpoint_paths
-from kdcore.config import ModelConfig, Preset, TrainConfig, scratch_recipe, with_overrides
+from kdcore.config import ModelConfig, Preset, TrainConfig, extra_student_recipe, scratch_recipe, with_overrides
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, inc
     """KD and scratch runs of the student and the extra (EfficientNet-Lite0) student, per seed."""
     rows = [("mobilenetv3", preset.student, preset.student_train, scratch_recipe(preset))]
     if include_extra and preset.extra_student is not None:
-        extra_train = preset.extra_student_train or preset.student_train
+        extra_train = extra_student_recipe(preset)
         rows.append(("efficientnet_lite0", preset.extra_student, extra_train, extra_train))
     return [
         StudentRun(
