@@ -129,9 +129,13 @@ class CheckpointMeta:
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{config_path.name}: malformed checkpoint config ({exc!r})") from exc
 
-    def best_validation_score(self, within_epochs: int = 0) -> tuple[float, float]:
-        """Best (val balanced accuracy, -val loss), optionally within the first epochs."""
-        rows = [h for h in self.history if not within_epochs or h["epoch"] <= within_epochs]
+    def selection_score(self, within_epochs: int = 0) -> tuple[float, float]:
+        """(val balanced accuracy, -val loss) of the saved weights (for ``keep=last``, the last
+        epoch's, not the schedule's best epoch); with ``within_epochs``, of the best epoch within
+        that budget, so runs of different lengths are compared at one budget."""
+        if not within_epochs:
+            return self.validation["val_balanced_accuracy"], -self.validation["val_loss"]
+        rows = [h for h in self.history if h["epoch"] <= within_epochs]
         return max((h["val_balanced_accuracy"], -h["val_loss"]) for h in rows)
 
 

@@ -12,8 +12,16 @@ import torch
 from safetensors import safe_open
 from tiny_models import TINY_STUDENT, TINY_TEACHER
 
-from kdcore.checkpoint import CheckpointError, CheckpointMeta, checkpoint_paths, load_checkpoint, save_checkpoint
+from kdcore.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+    write_record,
+)
 from kdcore.config import CLASS_NAMES, OFFLINE, ModelConfig, PreprocessConfig
+from kdcore.experiment.runs import best_by_validation
 from kdcore.inference import load_predictor
 from kdcore.models import WeightsError, build_model, read_state_dict
 
@@ -208,3 +216,27 @@ def test_architecture_names_an_ensemble_by_its_networks_only():
     hybrid = replace(ensemble, kind="teacher", ensemble_members=())
     assert CheckpointMeta(ensemble, PreprocessConfig(), CLASS_NAMES).architecture == "ensemble of a + b"
     assert CheckpointMeta(hybrid, PreprocessConfig(), CLASS_NAMES).architecture == "feature_transformer + a"
+
+
+def _record(tmp_path, name: str, balanced_accuracies: list[float]) -> CheckpointMeta:
+    """A fixed-schedule (keep=last) run's record: the saved weights are the last epoch's."""
+    history = tuple(
+        {"epoch": i + 1, "val_balanced_accuracy": b, "val_loss": 1.0 - b} for i, b in enumerate(balanced_accuracies)
+    )
+    meta = CheckpointMeta(
+        TINY_STUDENT, PreprocessConfig(input_size=SIZE), CLASS_NAMES,
+        best_epoch=len(history), validation=dict(history[-1]), history=history,
+    )  # fmt: skip
+    write_record(tmp_path / name, meta)
+    return meta
+
+
+def test_selection_scores_the_saved_weights_not_the_schedules_best_epoch(tmp_path):
+    # Run a peaked at epoch 2 but its saved (last-epoch) weights score 0.60; run b ends at 0.70.
+    peaked = _record(tmp_path, "a", [0.5, 0.9, 0.6])
+    steady = _record(tmp_path, "b", [0.5, 0.6, 0.7])
+    assert peaked.selection_score() == pytest.approx((0.6, -0.4))
+    assert best_by_validation([tmp_path / "a", tmp_path / "b"]) == tmp_path / "b"
+    # Within an epoch budget (teachers of different lengths), the best epoch inside it counts.
+    assert peaked.selection_score(within_epochs=2) == pytest.approx((0.9, -0.1))
+    assert steady.selection_score(within_epochs=1) == pytest.approx((0.5, -0.5))

@@ -170,8 +170,8 @@ def build(
         p.name: {
             **CheckpointMeta.read(p).validation,
             "budget_epochs": budget,
-            "val_balanced_accuracy_within_budget": CheckpointMeta.read(p).best_validation_score(budget)[0],
-            "val_loss_within_budget": -CheckpointMeta.read(p).best_validation_score(budget)[1],
+            "val_balanced_accuracy_within_budget": CheckpointMeta.read(p).selection_score(budget)[0],
+            "val_loss_within_budget": -CheckpointMeta.read(p).selection_score(budget)[1],
         }
         for p in teachers
     }

@@ -54,8 +54,8 @@ def is_done(path: Path) -> bool:
 
 
 def best_by_validation(paths: list[Path], within_epochs: int = 0) -> Path:
-    """The checkpoint with the highest validation balanced accuracy (then lowest val loss)."""
-    return max(paths, key=lambda p: CheckpointMeta.read(p).best_validation_score(within_epochs))
+    """The checkpoint whose saved weights score best on validation (balanced accuracy, then loss)."""
+    return max(paths, key=lambda p: CheckpointMeta.read(p).selection_score(within_epochs))
 
 
 def teacher_candidates(preset: Preset) -> list[tuple[ModelConfig, int | None]]:
