@@ -196,6 +196,15 @@ def extra_student_recipe(preset: Preset) -> TrainConfig:
     return preset.extra_student_train or preset.student_train
 
 
+def logits_kd_recipe(preset: Preset) -> TrainConfig | None:
+    """The student recipe with its extras (attention matching, mask guidance) off: the KD
+    (logits only) ablation row; None when the recipe has no extras (KD is logits only)."""
+    train = preset.student_train
+    if not (train.attention_weight or train.mask_weight):
+        return None
+    return replace(train, attention_weight=0.0, mask_weight=0.0)
+
+
 def scratch_recipe(preset: Preset) -> TrainConfig:
     """The training config of the preset's student without a teacher (the ablation row)."""
     return preset.scratch_train or preset.student_train

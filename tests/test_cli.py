@@ -388,9 +388,16 @@ def test_all_smoke_on_busi_ships_models_and_writes_reports(busi_dir, tmp_path):
     card = (ship / "MODEL_CARD.md").read_text()
     assert "The preset's only teacher (nothing compared)." in card
     assert "pulled into the training images' lesion masks (+ 1 ·" in card  # the shipped recipe's guidance
-    assert {"mobilenetv3_kd_s0", "mobilenetv3_scratch_s0"} <= set(summary["per_seed"])
-    scratch = json.loads((runs / "offline" / "mobilenetv3_scratch_s0.json").read_text())
-    assert scratch["training"]["mask_weight"] == 0  # the ablation: no teacher, no masks
+    arms = ("mobilenetv3_kd", "mobilenetv3_kd_logits", "mobilenetv3_scratch")
+    student_rows = [row for row in summary["ablation_mean_std"] if row.startswith("mobilenetv3")]
+    assert student_rows == list(arms)  # every arm a row of the ablation table
+    assert {f"{arm}_s0" for arm in arms} <= set(summary["per_seed"])
+    assert "pointing_game" in summary["per_seed"]["mobilenetv3_kd_s0"]  # where each arm looks, per seed
+    assert "| pointing_game |" in (reports / "kd_ablation.md").read_text().splitlines()[0]
+    for arm, teacher_used in zip(arms, (True, True, False)):
+        config = json.loads((runs / "offline" / f"{arm}_s0.json").read_text())
+        assert config["training"]["mask_weight"] == (1 if arm == "mobilenetv3_kd" else 0)
+        assert bool(config["teacher_weights_sha256"]) == teacher_used
 
 
 @pytest.mark.slow

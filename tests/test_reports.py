@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_cli import _external_folder_with_manifest
 
-from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, REPO_ROOT, scratch_recipe
+from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, PAPER, REPO_ROOT, scratch_recipe
 from kdcore.experiment import model_card, reports
 from kdcore.experiment.pipeline import cross_validation_results, external_results
 
@@ -87,13 +87,20 @@ def test_the_model_card_says_how_the_teacher_was_chosen():
     assert model_card.teacher_choice_words(two) == "Selected on validation among: a, b."
 
 
-def test_the_protocol_scratch_rows_drop_the_teacher_and_the_lesion_masks():
-    """The ablation is the student alone: no teacher and no mask guidance, seed by seed."""
+def test_the_protocol_ablation_arms_drop_the_masks_then_the_teacher():
+    """Per seed: KD + mask guidance, KD on the logits alone (same views, teacher and epochs),
+    and the student alone (no teacher, no masks); a recipe without extras has no logits arm."""
     from kdcore.experiment.runs import student_runs
 
     runs = student_runs(OFFLINE, (0, 1), None, include_extra=False)
-    kd = [r for r in runs if r.with_teacher]
-    scratch = [r for r in runs if not r.with_teacher]
-    assert [r.name for r in scratch] == ["mobilenetv3_scratch_s0", "mobilenetv3_scratch_s1"]
-    assert all(r.train.mask_weight == 1 for r in kd) and all(r.train.mask_weight == 0 for r in scratch)
-    assert [replace(r.train, mask_weight=1) for r in scratch] == [r.train for r in kd]
+    assert [r.name for r in runs] == [
+        f"mobilenetv3_{arm}_s{seed}" for seed in (0, 1) for arm in ("kd", "kd_logits", "scratch")
+    ]
+    by_arm = {arm: [r for r in runs if r.row == f"mobilenetv3_{arm}"] for arm in ("kd", "kd_logits", "scratch")}
+    assert [r.with_teacher for r in runs] == [True, True, False] * 2
+    assert all(r.train.mask_weight == 1 for r in by_arm["kd"])
+    assert all(r.train.mask_weight == 0 and r.train.attention_weight == 0 for r in by_arm["kd_logits"])
+    for other in ("kd_logits", "scratch"):
+        assert [replace(r.train, mask_weight=1) for r in by_arm[other]] == [r.train for r in by_arm["kd"]]
+    paper = student_runs(PAPER, (0,), None, include_extra=False)
+    assert [r.name for r in paper] == ["mobilenetv3_kd_s0", "mobilenetv3_scratch_s0"]

@@ -139,8 +139,9 @@ BUSI (Al-Dhabyani et al., 2020), 780 images, single centre (Baheya Hospital, Cai
 Near-duplicates grouped by pHash (Hamming ≤ 12); groups with contradictory labels excluded;
 group-aware, class-stratified split train/val/test =
 {summary["split"]["train"]}/{summary["split"]["val"]}/{summary["split"]["test"]}
-(`splits/busi_split.csv`, sha256 `{summary["split_sha256"][:16]}…`). Checkpoints and
-temperatures were chosen on validation only; the test split was used once, for this report.
+(`splits/busi_split.csv`, sha256 `{summary["split_sha256"][:16]}…`). Checkpoints,
+temperatures and thresholds were chosen on validation only; the test split is only scored,
+by this report, and never used for a choice (the README says how often it has been scored).
 
 ## Test-split results (95% bootstrap intervals)
 | metric | teacher | student |

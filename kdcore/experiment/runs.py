@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcore.checkpoint import CheckpointMeta, checkpoint_paths
-from kdcore.config import ModelConfig, Preset, TrainConfig, extra_student_recipe, scratch_recipe, with_overrides
+from kdcore.config import (
+    ModelConfig,
+    Preset,
+    TrainConfig,
+    extra_student_recipe,
+    logits_kd_recipe,
+    scratch_recipe,
+    with_overrides,
+)
 
 
 @dataclass(frozen=True)
@@ -30,22 +38,23 @@ def teacher_name(cfg: ModelConfig) -> str:
 
 
 def student_runs(preset: Preset, seeds: tuple[int, ...], epochs: int | None, include_extra: bool) -> list[StudentRun]:
-    """KD and scratch runs of the student and the extra (EfficientNet-Lite0) student, per seed."""
-    rows = [("mobilenetv3", preset.student, preset.student_train, scratch_recipe(preset))]
+    """Per seed, the student's ablation arms (KD, KD with logits only when the recipe has
+    extras, scratch) and the extra (EfficientNet-Lite0) student's KD and scratch runs."""
+    arms = [("kd", preset.student_train, True)]
+    logits_only = logits_kd_recipe(preset)
+    if logits_only is not None:
+        arms.append(("kd_logits", logits_only, True))
+    rows = [("mobilenetv3", preset.student, arms + [("scratch", scratch_recipe(preset), False)])]
     if include_extra and preset.extra_student is not None:
         extra_train = extra_student_recipe(preset)
-        rows.append(("efficientnet_lite0", preset.extra_student, extra_train, extra_train))
-    return [
-        StudentRun(
-            f"{prefix}_{'kd' if kd else 'scratch'}",
-            model,
-            with_overrides(kd_train if kd else scratch_train, seed=seed, epochs=epochs),
-            kd,
-            seed,
+        rows.append(
+            ("efficientnet_lite0", preset.extra_student, [("kd", extra_train, True), ("scratch", extra_train, False)])
         )
+    return [
+        StudentRun(f"{prefix}_{arm}", model, with_overrides(train, seed=seed, epochs=epochs), with_teacher, seed)
         for seed in seeds  # seed-major order: an interrupted run still has every row
-        for prefix, model, kd_train, scratch_train in rows
-        for kd in (True, False)
+        for prefix, model, row_arms in rows
+        for arm, train, with_teacher in row_arms
     ]
 
 
