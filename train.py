@@ -242,8 +242,9 @@ def training_command(args: argparse.Namespace, runtime) -> None:
         results = args.reports / "cv"
         cv.run_cv(args.name, args.role, recipe, data, args.runs, results, args.k, folds, args.teacher_cv, runtime)
         if runtime.is_main:
-            (results / "README.md").write_text(cv.CV_README + cv.cv_table(results))
-            print(cv.cv_table(results))
+            table = cv.cv_table(results, test_size=len(data.records["test"]))
+            (results / "README.md").write_text(cv.CV_README + table)
+            print(table)
         return
     if args.command == "teacher":
         path = protocol.train_teacher(

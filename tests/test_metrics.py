@@ -10,6 +10,7 @@ import torch
 from kdcore import metrics
 from kdcore.config import CLASS_NAMES
 from kdcore.metrics import (
+    calibrated_model_ece,
     evaluate_predictions,
     expected_calibration_error,
     fit_temperature,
@@ -155,6 +156,19 @@ def test_ece_is_zero_when_confidence_equals_accuracy():
     # Overconfident: confidence 0.9, half right -> ECE 0.4.
     over = np.array([[0.9, 0.05, 0.05]] * 10)
     assert expected_calibration_error(np.array([0] * 5 + [1] * 5), over) == pytest.approx(0.4)
+
+
+def test_calibrated_model_ece_is_the_binomial_noise_of_a_perfect_model():
+    # Every image at confidence 0.7: the ECE is |accuracy - 0.7|, accuracy ~ Binomial(n, 0.7) / n,
+    # whose mean absolute deviation is sqrt(0.21 / n) * sqrt(2 / pi).
+    probs = np.tile([0.7, 0.2, 0.1], (40, 1))
+    floor = calibrated_model_ece(probs, n=100, draws=3000)
+    assert floor["mean"] == pytest.approx(np.sqrt(0.21 / 100) * np.sqrt(2 / np.pi), rel=0.1)
+    assert floor["low"] < floor["mean"] < floor["high"]
+    assert calibrated_model_ece(probs, n=2000)["mean"] < floor["mean"] / 3
+    # A model sure of every answer draws exactly its own answers: no noise at all.
+    certain = np.eye(3)[[0, 1, 2, 1]]
+    assert calibrated_model_ece(certain, n=50) == {"n": 50, "mean": 0.0, "low": 0.0, "high": 0.0}
 
 
 def test_fit_temperature_recovers_a_known_temperature():
