@@ -54,7 +54,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
     return float(ece)
 
 
-def calibrated_model_ece(probs: np.ndarray, n: int, draws: int = 1000, seed: int = 0) -> dict[str, float]:
+def calibrated_model_ece(probs: np.ndarray, n: int, draws: int = 1000, seed: int = 0) -> dict[str, float | int]:
     """The ECE that a perfectly calibrated model with these predicted probabilities would show
     on ``n`` images (images resampled, each label drawn from the model's own probabilities):
     the estimator's noise floor at that sample size, as its mean and 95 % range. No labels are
@@ -63,9 +63,9 @@ def calibrated_model_ece(probs: np.ndarray, n: int, draws: int = 1000, seed: int
     eces = []
     for _ in range(draws):
         sample = probs[rng.integers(0, len(probs), n)]
-        cumulative = sample.cumsum(1)
-        drawn = (rng.random((n, 1)) * cumulative[:, -1:] > cumulative).sum(1)
-        eces.append(expected_calibration_error(np.minimum(drawn, probs.shape[1] - 1), sample))
+        sample = sample / sample.sum(1, keepdims=True)
+        drawn = (rng.random((n, 1)) > sample.cumsum(1)).sum(1)
+        eces.append(expected_calibration_error(drawn, sample))
     low, high = np.percentile(eces, [2.5, 97.5])
     return {"n": n, "mean": float(np.mean(eces)), "low": float(low), "high": float(high)}
 

@@ -138,11 +138,9 @@ def pooled_scores(folds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pooled_calibration(folds: list[dict[str, Any]], test_size: int) -> dict[str, Any] | None:
-    """Top-label ECE of the pooled out-of-fold predictions, as trained and after temperature
-    scaling (each fold's temperature fitted on the other folds' predictions, so no fold
-    calibrates itself), beside the ECE a perfectly calibrated model with the scaled
-    probabilities would show on as many images and on a test split of ``test_size``: how far
-    an ECE on so few images can be trusted. ``None`` with fewer than two folds."""
+    """Out-of-fold ECE as trained and after temperature scaling (each fold's temperature fitted
+    on the other folds), and the chance ECE of a perfectly calibrated model on as many images
+    and on ``test_size`` images. ``None`` with fewer than two folds."""
     if len(folds) < 2:
         return None
     scaled, temperatures = [], []
@@ -309,7 +307,8 @@ def calibration_table(rows: list[dict[str, Any]], test_size: int) -> str:
         " each fold fitted on the other folds). A perfectly calibrated model with the scaled"
         " probabilities, its labels drawn from them, would still show the ECE in the last two columns"
         f" by chance (mean [95 % range]): on the test split's {test_size} images a test ECE in that"
-        " range is no evidence of miscalibration.",
+        " range is no evidence of miscalibration. Recipes run on one fold only are left out (no other"
+        " fold to fit a temperature on).",
         "",
         "| recipe | role | OOF ECE | temperatures | after temperature | perfectly calibrated, OOF size"
         f" | perfectly calibrated, {test_size} images |",
@@ -323,12 +322,13 @@ def calibration_table(rows: list[dict[str, Any]], test_size: int) -> str:
             f"| {r['name']} | {r['role']} | {calibration['ece']:.3f} | "
             f"{min(calibration['temperatures']):.2f}–{max(calibration['temperatures']):.2f} | "
             f"{calibration['ece_after_temperature']:.3f} | "
-            + f"{_mean_range(floors[0])} (n {floors[0]['n']}) | {_mean_range(floors[1])} |"
+            f"{_mean_range(floors[0])} (n {floors[0]['n']}) | {_mean_range(floors[1])} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _mean_range(ece: dict[str, float]) -> str:
+def _mean_range(ece: dict[str, float | int]) -> str:
+    """``mean [low, high]`` of a chance-ECE summary."""
     return f"{ece['mean']:.3f} [{ece['low']:.3f}, {ece['high']:.3f}]"
 
 
