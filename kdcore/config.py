@@ -102,6 +102,8 @@ class TrainConfig:
     # features (ensemble teachers); probe_sgd: that probe, then the epochs above fine-tune (LP-FT)
     probe_c: float = 0.01  # head_fit probe: inverse L2 strength (scikit-learn's C, class-balanced)
     probe_views: int = 0  # head_fit probe: augmented views per training image added to the fit
+    unlabeled_frames: str = ""  # KD students: a folder of unlabeled in-domain frames, extra inputs on which
+    # the student matches the teacher (its probabilities are their targets); "": none
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,9 @@ def logits_kd_recipe(preset: Preset) -> TrainConfig | None:
 
 
 def scratch_recipe(preset: Preset) -> TrainConfig:
-    """The training config of the preset's student without a teacher (the ablation row)."""
-    return preset.scratch_train or preset.student_train
+    """The training config of the preset's student without a teacher (the ablation row; no
+    unlabeled frames, which need a teacher)."""
+    return replace(preset.scratch_train or preset.student_train, unlabeled_frames="")
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, OFFLINE)}

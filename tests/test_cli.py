@@ -450,6 +450,11 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
     code, out, _ = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places)
     assert code == 0 and "pointing game added for folds [0]" in out
     assert json.loads((tmp_path / "reports" / "cv" / "t.json").read_text()) == json.loads(before)
+    # A result file written before a setting existed resumes: the missing setting counts at its default.
+    del older["recipe"]["train"]["unlabeled_frames"]
+    (tmp_path / "reports" / "cv" / "t.json").write_text(json.dumps(older))
+    code, _, err = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places)
+    assert code == 0, err[-3000:]
     code, _, err = run_main(capsys, "cv", "--name", "t", "--role", "teacher", *common, *places, "--set", "lr=1e-3")
     assert code == 2 and "another recipe (train.lr differ)" in err  # never two recipes in one mean
     code, _, err = run_main(capsys, "cv", "--name", "u", "--role", "student", "--teacher-cv", "gone", *common, *places)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kdcore.checkpoint import checkpoint_paths
-from kdcore.config import CLASS_NAMES, Recipe
+from kdcore.config import CLASS_NAMES, ModelConfig, PreprocessConfig, Recipe, TrainConfig
 from kdcore.data import cross_validation_folds, label_indices
 from kdcore.experiment.localisation import pointing_game
 from kdcore.experiment.protocol import BusiData, train_student, train_teacher
@@ -242,16 +242,22 @@ def _check_same_recipe(out_json: Path, role: str, recipe: Recipe, k: int, teache
     """Refuse to add folds of another recipe to a result file (its mean would mix two recipes)."""
     previous = json.loads(out_json.read_text())
     changed = [key for key, value in {"role": role, "k": k, "teacher_cv": teacher_cv}.items() if previous[key] != value]
-    now, before = json.loads(json.dumps(asdict(recipe))), previous["recipe"]
+    now, before = _as_json(recipe), previous["recipe"]
+    blank = Recipe(ModelConfig(recipe.model.kind, recipe.model.cnn_name), PreprocessConfig(), TrainConfig())
+    defaults = _as_json(blank)
     changed += [
         f"{section}.{key}" for section, values in now.items() for key, value in values.items()
-        if before.get(section, {}).get(key) != value
-    ]  # fmt: skip
+        if before.get(section, {}).get(key, defaults[section][key]) != value
+    ]  # fmt: skip  # a setting added after the file was written counts at its default
     if changed:
         raise ValueError(
             f"{out_json} holds folds of another recipe ({', '.join(changed)} differ): give this "
             "recipe a new --name, or the --set values of the folds already there"
         )
+
+
+def _as_json(recipe: Recipe) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(recipe)))
 
 
 def completed_folds(out_json: Path) -> dict[int, dict[str, Any]]:

@@ -3,7 +3,6 @@ train students, calibrate on validation, evaluate on test or on any class folder
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,12 +31,12 @@ from kdcore.engine import (
     FixedViewBank,
     OnlineAugmented,
     ViewBank,
-    build_view_bank,
     fit,
     predict_logits,
     seed_everything,
 )
-from kdcore.experiment.teacher_outputs import cached_tensors, teacher_view_outputs
+from kdcore.experiment.teacher_outputs import teacher_view_outputs
+from kdcore.experiment.view_banks import cached_bank, with_unlabeled_frames
 from kdcore.hashing import sha256_file
 from kdcore.imaging import read_grey_image
 from kdcore.inference import Predictor, load_predictor
@@ -251,37 +250,15 @@ def train_teacher(
     )  # fmt: skip
 
 
-BANK_SEED = 12345  # the same views for every student, KD or not: a fair ablation
-
-
 def cached_view_bank(data: BusiData, size: int, train_cfg: TrainConfig, cache: Path) -> ViewBank:
     """The student's view bank, built once per (images, augmentation, views) and cached: every
     student recipe with the same views (scratch, KD, KD + attention or mask guidance) reuses the
     file and the teacher's outputs on it. The lesion masks always travel with the views (moving
     them does not change the views), whether or not a recipe uses them."""
-    images = data.images("train", size)
     records = data.records.get("train") or []  # none: in-memory test data (no masks, sequential seeds)
     masks = data.lesion_masks("train", size) if records else None
-    settings = (train_cfg.augment, train_cfg.views_per_image, train_cfg.mixup_views, train_cfg.mixup_alpha, BANK_SEED)
     image_keys = [r.sha256 for r in records] or None  # each image's views seeded by the image
-    digest = hashlib.sha256(repr((settings, image_keys)).encode())
-    for tensor in (images, data.labels["train"], *([masks] if masks is not None else [])):
-        digest.update(tensor.numpy().tobytes())
-    cache_file = cache / f"view_bank_{digest.hexdigest()[:16]}.pt"
-
-    def compute() -> dict[str, torch.Tensor]:
-        augment = UltrasoundAugment(train_cfg.augment, size)
-        bank = build_view_bank(
-            images, data.labels["train"], augment, train_cfg.views_per_image, BANK_SEED,
-            train_cfg.mixup_views, train_cfg.mixup_alpha, masks, image_keys,
-        )  # fmt: skip
-        plain = torch.tensor(bank.plain_views)
-        return {"views": bank.views, "targets": bank.targets, "plain_views": plain} | (
-            {"masks": bank.masks} if bank.masks is not None else {}
-        )
-
-    saved = cached_tensors(cache_file, compute, ("views", "targets", "plain_views"), "view-bank")
-    return ViewBank(saved["views"], saved["targets"], saved.get("masks"), int(saved["plain_views"]))
+    return cached_bank(data.images("train", size), data.labels["train"], masks, image_keys, train_cfg, cache)
 
 
 def train_student(
@@ -299,6 +276,8 @@ def train_student(
     without it the same recipe minus the teacher (the ablation). Teacher outputs on the views
     are cached in ``cache_dir`` (default: ``work/`` beside ``out_path``); under torchrun rank 0
     builds the caches and the other ranks read them."""
+    if train_cfg.unlabeled_frames and teacher_path is None:
+        raise ValueError("unlabeled_frames: frames without labels need a teacher (drop them for scratch students)")
     cache = cache_dir if cache_dir is not None else out_path.parent / "work"
     bank = main_first(runtime, lambda: cached_view_bank(data, preprocess_cfg.input_size, train_cfg, cache))
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
@@ -309,6 +288,9 @@ def train_student(
         logits, attention = main_first(
             runtime, lambda: teacher_view_outputs(teacher_path, bank, cache, side, runtime.device)
         )
+    if train_cfg.unlabeled_frames:
+        joined = (bank, logits, attention, teacher_path, train_cfg, side, cache, runtime.device)
+        bank, logits, attention = main_first(runtime, lambda: with_unlabeled_frames(*joined))
     if train_cfg.mask_weight <= 0:
         bank = replace(bank, masks=None)  # the recipe does not use them: not batched either
     train_set = FixedViewBank(bank, logits, attention)
