@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from test_cli import _external_folder_with_manifest
 
-from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, PAPER, REPO_ROOT, scratch_recipe
+from kdcore.config import DEFAULT_SPLIT_FILE, OFFLINE, PAPER, REPO_ROOT, Recipe, scratch_recipe
 from kdcore.experiment import model_card, reports
+from kdcore.experiment.cv import recipe_changes
 from kdcore.experiment.pipeline import cross_validation_results, external_results
 
 CV_DIR = REPO_ROOT / "reports" / "cv"
@@ -24,13 +25,11 @@ IGNORED = {
 }
 
 
-def _preset_recipe(row: str) -> dict:
+def _preset_recipe(row: str) -> Recipe:
     if row == "teacher":
-        model, preprocess, train = OFFLINE.teacher, OFFLINE.teacher_preprocess, OFFLINE.teacher_train
-    else:
-        train = scratch_recipe(OFFLINE) if row == "scratch" else OFFLINE.student_train
-        model, preprocess = OFFLINE.student, OFFLINE.student_preprocess
-    return json.loads(json.dumps({"model": asdict(model), "preprocess": asdict(preprocess), "train": asdict(train)}))
+        return Recipe(OFFLINE.teacher, OFFLINE.teacher_preprocess, OFFLINE.teacher_train)
+    train = scratch_recipe(OFFLINE) if row == "scratch" else OFFLINE.student_train
+    return Recipe(OFFLINE.student, OFFLINE.student_preprocess, train)
 
 
 @pytest.mark.parametrize("row", [row for row, _ in OFFLINE.cv_runs])
@@ -39,15 +38,17 @@ def test_offline_preset_is_the_recipe_cross_validation_chose(row):
     chosen = json.loads((CV_DIR / f"{name}.json").read_text())
     assert chosen["role"] == {"teacher": "teacher", "student": "student", "scratch": "scratch"}[row]
     assert len(chosen["folds"]) >= 3
-    shipped = _preset_recipe(row)
-    assert shipped["preprocess"] == chosen["recipe"]["preprocess"]
-    for group in ("model", "train"):
-        differing = {
-            key
-            for key in shipped[group]
-            if key not in IGNORED[row][group] and shipped[group][key] != chosen["recipe"][group][key]
-        }
-        assert not differing, f"{row}: {group} {sorted(differing)} differ from reports/cv/{name}.json"
+    ignored = {f"{group}.{key}" for group, keys in IGNORED[row].items() for key in keys}
+    differing = sorted(set(recipe_changes(chosen["recipe"], _preset_recipe(row))) - ignored)
+    assert not differing, f"{row}: {differing} differ from reports/cv/{name}.json"
+
+
+def test_a_setting_added_after_a_result_file_counts_at_its_default():
+    recorded = json.loads(json.dumps(asdict(_preset_recipe("student"))))
+    del recorded["train"]["unlabeled_frames"]
+    assert recipe_changes(recorded, _preset_recipe("student")) == []
+    recorded["train"]["alpha"] = -1.0
+    assert recipe_changes(recorded, _preset_recipe("student")) == ["train.alpha"]
 
 
 def test_results_carry_cross_validation_and_the_external_check(tmp_path, tiny_checkpoints):

@@ -242,18 +242,24 @@ def _check_same_recipe(out_json: Path, role: str, recipe: Recipe, k: int, teache
     """Refuse to add folds of another recipe to a result file (its mean would mix two recipes)."""
     previous = json.loads(out_json.read_text())
     changed = [key for key, value in {"role": role, "k": k, "teacher_cv": teacher_cv}.items() if previous[key] != value]
-    now, before = _as_json(recipe), previous["recipe"]
-    blank = Recipe(ModelConfig(recipe.model.kind, recipe.model.cnn_name), PreprocessConfig(), TrainConfig())
-    defaults = _as_json(blank)
-    changed += [
-        f"{section}.{key}" for section, values in now.items() for key, value in values.items()
-        if before.get(section, {}).get(key, defaults[section][key]) != value
-    ]  # fmt: skip  # a setting added after the file was written counts at its default
+    changed += recipe_changes(previous["recipe"], recipe)
     if changed:
         raise ValueError(
             f"{out_json} holds folds of another recipe ({', '.join(changed)} differ): give this "
             "recipe a new --name, or the --set values of the folds already there"
         )
+
+
+def recipe_changes(recorded: dict[str, Any], recipe: Recipe) -> list[str]:
+    """The settings (as `section.key`) in which `recipe` differs from one recorded in a result
+    file; a setting added after the file was written counts at its default."""
+    now = _as_json(recipe)
+    blank = Recipe(ModelConfig(recipe.model.kind, recipe.model.cnn_name), PreprocessConfig(), TrainConfig())
+    defaults = _as_json(blank)
+    return [
+        f"{section}.{key}" for section, values in now.items() for key, value in values.items()
+        if recorded.get(section, {}).get(key, defaults[section][key]) != value
+    ]  # fmt: skip
 
 
 def _as_json(recipe: Recipe) -> dict[str, Any]:
