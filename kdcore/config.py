@@ -93,6 +93,8 @@ class TrainConfig:
     mixup_alpha: float = 0.4
     attention_weight: float = 0.0  # > 0: the student also matches the teacher's attention map (AT)
     mask_weight: float = 0.0  # > 0: the student's attention is pulled into the training images' lesion masks
+    feature_weight: float = 0.0  # > 0 (feature-ensemble teachers): the student's pre-logit features, through
+    # a training-only linear projector, regress the teacher's standardised pooled features (feature KD)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     subset: int = 0  # >0: use at most this many images per split (smoke runs)
     keep: str = "best"  # best: the best validation epoch, early stopping; last: the fixed schedule's end (CV)
@@ -199,18 +201,18 @@ def extra_student_recipe(preset: Preset) -> TrainConfig:
 
 
 def logits_kd_recipe(preset: Preset) -> TrainConfig | None:
-    """The student recipe with its extras (attention matching, mask guidance) off: the KD
-    (logits only) ablation row; None when the recipe has no extras (KD is logits only)."""
+    """The student recipe with its extras (attention and feature matching, mask guidance) off:
+    the KD (logits only) ablation row; None when the recipe has no extras (KD is logits only)."""
     train = preset.student_train
-    if not (train.attention_weight or train.mask_weight):
+    if not (train.attention_weight or train.mask_weight or train.feature_weight):
         return None
-    return replace(train, attention_weight=0.0, mask_weight=0.0)
+    return replace(train, attention_weight=0.0, mask_weight=0.0, feature_weight=0.0)
 
 
 def scratch_recipe(preset: Preset) -> TrainConfig:
     """The training config of the preset's student without a teacher (the ablation row; no
-    unlabeled frames, which need a teacher)."""
-    return replace(preset.scratch_train or preset.student_train, unlabeled_frames="")
+    unlabeled frames or teacher features, which need a teacher)."""
+    return replace(preset.scratch_train or preset.student_train, unlabeled_frames="", feature_weight=0.0)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, OFFLINE)}

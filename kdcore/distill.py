@@ -43,6 +43,17 @@ def lesion_focus_term(feature_map: torch.Tensor, masks: torch.Tensor) -> torch.T
     return -(share * inside).sum(dim=(1, 2, 3))[has_lesion].clamp_min(1e-6).log().mean()
 
 
+def feature_matching_term(projected: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the student's projected features and the teacher's
+    standardised ones (unit variance per feature, so about 1 for an uninformed student)."""
+    return F.mse_loss(projected, teacher_features)
+
+
+def pre_logit_width(model: nn.Module) -> int:
+    """Width of a timm classifier's pre-logit features (``forward_head(..., pre_logits=True)``)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -67,11 +78,15 @@ def kd_loss(
 class Distiller(nn.Module):
     """Student + frozen teacher. ``train()`` never wakes the teacher (BN and Dropout stay off).
 
-    ``forward(images, targets, teacher_logits=None, teacher_attention=None)`` uses cached
+    ``forward(images, targets, teacher_logits=None, teacher_attention=None, ...)`` uses cached
     teacher outputs when given (exact for fixed augmented views), otherwise runs the teacher
     under ``no_grad``. With ``attention_weight`` > 0 and teacher attention maps, the student
     also learns where the teacher looks (``loss += weight * at``); with ``mask_weight`` > 0 and
-    lesion masks, its attention is pulled into the lesions (``loss += mask_weight * mask``).
+    lesion masks, its attention is pulled into the lesions (``loss += mask_weight * mask``); with
+    ``feature_weight`` > 0 and a ``teacher_feature_width``, a linear ``projector`` (trained with
+    the student, not part of it) maps the student's pre-logit features onto the teacher's
+    standardised pooled features (``loss += feature_weight * feature``; FitNets-style feature
+    KD: thousands of numbers per view to match instead of three).
     """
 
     def __init__(
@@ -85,11 +100,16 @@ class Distiller(nn.Module):
         freeze_batchnorm: bool = False,
         attention_weight: float = 0.0,
         mask_weight: float = 0.0,
+        feature_weight: float = 0.0,
+        teacher_feature_width: int = 0,
     ) -> None:
         super().__init__()
         self.freeze_batchnorm = freeze_batchnorm
         self.attention_weight = attention_weight
         self.mask_weight = mask_weight
+        self.feature_weight = feature_weight
+        use_features = feature_weight > 0 and teacher_feature_width > 0
+        self.projector = nn.Linear(pre_logit_width(student), teacher_feature_width) if use_features else None
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -115,6 +135,7 @@ class Distiller(nn.Module):
         teacher_logits: torch.Tensor | None = None,
         teacher_attention: torch.Tensor | None = None,
         lesion_masks: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         feature_map = self.student.forward_features(images)
         logits = self.student.forward_head(feature_map)
@@ -130,4 +151,8 @@ class Distiller(nn.Module):
         if self.mask_weight > 0 and lesion_masks is not None:
             focus = lesion_focus_term(feature_map, lesion_masks)
             losses = {**losses, "loss": losses["loss"] + self.mask_weight * focus, "mask": focus.detach()}
-        return {"at": torch.zeros(()), "mask": torch.zeros(()), **losses}
+        if self.projector is not None and teacher_features is not None:
+            projected = self.projector(self.student.forward_head(feature_map, pre_logits=True))
+            matched = feature_matching_term(projected, teacher_features)
+            losses = {**losses, "loss": losses["loss"] + self.feature_weight * matched, "feature": matched.detach()}
+        return {"at": torch.zeros(()), "mask": torch.zeros(()), "feature": torch.zeros(()), **losses}

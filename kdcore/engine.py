@@ -39,7 +39,7 @@ EMPTY = torch.empty(0)  # what a sample carries in place of teacher outputs or a
 class OnlineAugmented(Dataset):
     """Cached resized images, augmented afresh every time (teacher training).
 
-    Items: (image, class index, no teacher logits, no teacher attention, no mask).
+    Items: (image, class index, no teacher logits, no teacher attention, no mask, no teacher features).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: UltrasoundAugment | None) -> None:
@@ -50,7 +50,7 @@ class OnlineAugmented(Dataset):
 
     def __getitem__(self, i: int):
         image = self.images[i] if self.augment is None else self.augment(self.images[i])
-        return image, self.labels[i], EMPTY, EMPTY, EMPTY
+        return image, self.labels[i], EMPTY, EMPTY, EMPTY, EMPTY
 
 
 @dataclass(frozen=True)
@@ -68,10 +68,10 @@ class ViewBank:
 class FixedViewBank(Dataset):
     """A ``ViewBank`` with the teacher's outputs on each view; each epoch picks one view per image.
 
-    Caching the teacher's logits (and attention maps) is exact here because the student sees
-    exactly the views the teacher scored. Items: (view, target probabilities, teacher logits,
-    teacher attention, lesion mask), the teacher parts empty without a teacher, the mask
-    empty without masks.
+    Caching the teacher's logits (attention maps, features) is exact here because the student
+    sees exactly the views the teacher scored. Items: (view, target probabilities, teacher
+    logits, teacher attention, lesion mask, teacher features), the teacher parts empty without
+    them, the mask empty without masks.
     """
 
     def __init__(
@@ -79,8 +79,10 @@ class FixedViewBank(Dataset):
         bank: ViewBank,
         teacher_logits: torch.Tensor | None,
         teacher_attention: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
     ) -> None:
         self.bank, self.teacher_logits, self.teacher_attention = bank, teacher_logits, teacher_attention
+        self.teacher_features = teacher_features
         self.set_epoch(0)
 
     def set_epoch(self, seed: int) -> None:
@@ -97,7 +99,8 @@ class FixedViewBank(Dataset):
         logits = EMPTY if self.teacher_logits is None else self.teacher_logits[i, v]
         attention = EMPTY if self.teacher_attention is None else self.teacher_attention[i, v]
         mask = EMPTY if self.bank.masks is None else self.bank.masks[i, v]
-        return self.bank.views[i, v], self.bank.targets[i, v], logits, attention, mask
+        features = EMPTY if self.teacher_features is None else self.teacher_features[i, v]
+        return self.bank.views[i, v], self.bank.targets[i, v], logits, attention, mask, features
 
 
 def build_view_bank(
@@ -211,10 +214,11 @@ def validation_scores(
     }
 
 
-def _optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; the layers a run adds learn at ``lr``, a pretrained backbone at ``lr * backbone_lr_scale``."""
-    new = {id(p) for p in new_layer_parameters(model)}
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def _optimizer_for(model: nn.Module, cfg: TrainConfig, helpers: list[nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW; the layers a run adds (and training-only ``helpers``) learn at ``lr``, a pretrained
+    backbone at ``lr * backbone_lr_scale``."""
+    new = {id(p) for p in [*new_layer_parameters(model), *helpers]}
+    trainable = [p for p in [*model.parameters(), *helpers] if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if id(p) in new], "lr": cfg.lr},
         {"params": [p for p in trainable if id(p) not in new], "lr": cfg.lr * cfg.backbone_lr_scale},
@@ -227,7 +231,13 @@ def _on_device(batch: torch.Tensor, runtime: Runtime) -> torch.Tensor | None:
     return batch.to(runtime.device, non_blocking=runtime.pin_memory) if batch.numel() else None
 
 
-LOSS_KEYS = ("loss", "ce", "kd", "at", "mask")
+LOSS_KEYS = ("loss", "ce", "kd", "at", "mask", "feature")
+
+
+def _feature_width(train_set: Dataset) -> int:
+    """Width of the teacher features a view bank carries (0: none)."""
+    features = getattr(train_set, "teacher_features", None)
+    return 0 if features is None else int(features.shape[-1])
 
 
 def fit(
@@ -262,11 +272,14 @@ def fit(
         cfg.freeze_batchnorm,
         cfg.attention_weight,
         cfg.mask_weight,
+        cfg.feature_weight,
+        _feature_width(train_set),
     ).to(runtime.device)
     if cfg.keep not in ("best", "last"):
         raise ValueError(f"keep must be 'best' or 'last', got {cfg.keep!r}")
     per_rank_batch = runtime.per_rank_batch(cfg.batch_size)
-    optimizer = _optimizer_for(model, cfg)
+    helpers = [] if distiller.projector is None else list(distiller.projector.parameters())
+    optimizer = _optimizer_for(model, cfg, helpers)
     sampler = DistributedSampler(
         train_set, runtime.world_size, runtime.rank, shuffle=True, seed=cfg.seed * 1000, drop_last=runtime.distributed
     )
@@ -282,6 +295,8 @@ def fit(
         except WeightsError as exc:
             raise WeightsError(f"cannot resume from {state_path}: {exc}; delete it or run without --resume") from exc
         model.load_state_dict(saved["model"])
+        if distiller.projector is not None:
+            distiller.projector.load_state_dict(saved["projector"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if "scaler" in saved:
@@ -318,7 +333,7 @@ def fit(
         distiller.train()
         started, sums, count = time.time(), dict.fromkeys(LOSS_KEYS, 0.0), 0
         bar = tqdm(loader, desc=f"[{desc}] epoch {epoch}/{cfg.epochs}", leave=False, disable=not runtime.is_main)
-        for images, targets, teacher_logits, teacher_attention, masks in bar:
+        for images, targets, teacher_logits, teacher_attention, masks, teacher_features in bar:
             inputs = to_model_input(preprocess, _on_device(images, runtime), runtime.channels_last)
             with runtime.autocast():
                 losses = trainer(
@@ -327,6 +342,7 @@ def fit(
                     _on_device(teacher_logits, runtime),
                     _on_device(teacher_attention, runtime),
                     _on_device(masks, runtime),
+                    _on_device(teacher_features, runtime),
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
@@ -365,6 +381,7 @@ def fit(
             save_tensor_file(
                 {
                     "model": model.state_dict(),
+                    **({} if distiller.projector is None else {"projector": distiller.projector.state_dict()}),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),

@@ -58,9 +58,10 @@ def load_tensor_file(path: Path) -> Any:
 
 
 def save_tensor_file(obj: Any, path: Path) -> None:
-    """``torch.save`` that never leaves a half-written file: written beside ``path``, then
+    """``torch.save`` that never leaves a half-written file: written beside ``path`` (a name
+    of this process's own, so two runs sharing a cache never write into one file), then
     renamed over it (a run killed while saving keeps the previous file)."""
-    partial = path.with_name(path.name + ".saving")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.saving")
     torch.save(obj, partial)
     os.replace(partial, path)
 
@@ -294,11 +295,7 @@ class FeatureEnsemble(nn.Module):
 
     def forward_head(self, feature_map: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = feature_map.mean(dim=(2, 3))
-        return pooled if pre_logits else self.forward_head_from_pooled(pooled)
-
-    def forward_head_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits from the pooled joined map: the affine part of the model (in eval mode)."""
-        return self.classifier(self.dropout(self.standardise(pooled)))
+        return pooled if pre_logits else self.classifier(self.dropout(self.standardise(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -425,7 +425,7 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
 
     code, _, err = run_main(
         capsys, "cv", "--name", "s", "--role", "student", "--teacher-cv", "t", *common, *places, "--set", "alpha=0.3",
-        "views_per_image=2", "mixup_views=2", "attention_weight=1", "mask_weight=1",
+        "views_per_image=2", "mixup_views=2", "attention_weight=1", "mask_weight=1", "feature_weight=1",
     )  # fmt: skip
     assert code == 0, err[-3000:]
     student = json.loads((tmp_path / "reports" / "cv" / "s.json").read_text())
@@ -434,6 +434,7 @@ def test_cv_smoke_teacher_then_kd_student_resumes_and_tabulates(busi_dir, tmp_pa
     assert len(list((tmp_path / "runs" / "t" / "work").glob("teacher_outputs_*.pt"))) == 1
     history = json.loads((tmp_path / "runs" / "s" / "fold0.json").read_text())["history"]
     assert history[0]["train_kd"] > 0 and history[0]["train_at"] > 0 and history[0]["train_mask"] > 0
+    assert history[0]["train_feature"] > 0  # the ensemble teacher's pooled features were matched
     assert student["folds"][0]["files"] == fold["files"]  # the same folds for every recipe
     table = (tmp_path / "reports" / "cv" / "README.md").read_text()
     assert "| t | teacher | 1/2 |" in table and "| s | student | 1/2 |" in table

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import TINY_STUDENT, TINY_TEACHER
 
-from kdcore.distill import Distiller, kd_kl_term, kd_loss
+from kdcore.distill import Distiller, kd_kl_term, kd_loss, pre_logit_width
 from kdcore.models import build_model, set_train_mode
 
 # A 2-sample, 3-class example, worked out by hand below (T = 4, alpha = 0.5).
@@ -251,6 +251,26 @@ def test_distiller_adds_weighted_attention_transfer_only_when_asked():
     )
     assert plain["at"].item() == 0.0 and guided["at"].item() > 0
     assert guided["loss"].item() == pytest.approx(plain["loss"].item() + 3.0 * guided["at"].item(), rel=1e-5)
+
+
+def test_distiller_adds_weighted_feature_matching_through_a_projector_only_when_asked():
+    torch.manual_seed(0)
+    student = build_model(TINY_STUDENT, 64).eval()
+    images, targets, teacher_logits = torch.rand(2, 3, 64, 64), torch.tensor([0, 2]), torch.randn(2, 3)
+    teacher_features = torch.randn(2, 10)
+    plain = Distiller(student, None, 0.5, 4.0, teacher_feature_width=10)
+    matched = Distiller(student, None, 0.5, 4.0, feature_weight=2.0, teacher_feature_width=10)
+    assert plain.projector is None and matched.projector.in_features == pre_logit_width(student)
+    assert matched.projector.out_features == 10 and "projector" not in dict(student.named_children())
+    plain_losses = plain(images, targets, teacher_logits, teacher_features=teacher_features)
+    losses = matched(images, targets, teacher_logits, teacher_features=teacher_features)
+    projected = matched.projector(student.forward_head(student.forward_features(images), pre_logits=True))
+    assert plain_losses["feature"].item() == 0.0
+    assert losses["feature"].item() == pytest.approx(F.mse_loss(projected, teacher_features).item(), rel=1e-5)
+    expected = plain_losses["loss"].item() + 2.0 * losses["feature"].item()
+    assert losses["loss"].item() == pytest.approx(expected, rel=1e-5)
+    losses["loss"].backward()
+    assert matched.projector.weight.grad.abs().sum() > 0  # the projector learns with the student
 
 
 def test_lesion_focus_term_matches_hand_computed_values():

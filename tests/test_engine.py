@@ -49,7 +49,8 @@ def _fit(data, work_dir: Path, resume: bool = False, cfg: TrainConfig = CFG, mod
     torch.manual_seed(model_seed)
     model = build_model(TINY_STUDENT, SIZE)
     targets = F.one_hot(train_labels, 3).float()[:, None].expand(-1, views.shape[1], -1)
-    train_set = FixedViewBank(ViewBank(views, targets), teacher_logits)
+    features = torch.randn(*views.shape[:2], 16, generator=torch.Generator().manual_seed(5))
+    train_set = FixedViewBank(ViewBank(views, targets), teacher_logits, None, features if cfg.feature_weight else None)
     preprocess = Preprocess(PreprocessConfig(input_size=SIZE))
     result = fit(model, train_set, val_images, val_labels, train_labels, preprocess, cfg, work_dir, resume, "t")
     return model, result
@@ -59,11 +60,13 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
-    full_model, full = _fit(data, tmp_path / "full")
+@pytest.mark.parametrize("cfg", [CFG, replace(CFG, feature_weight=1.0)], ids=["logits", "logits+features"])
+def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(data, tmp_path, monkeypatch, cfg):
+    full_model, full = _fit(data, tmp_path / "full", cfg=cfg)
     assert (tmp_path / "full" / "last.pt").is_file()
     assert [h["epoch"] for h in full.history] == [1, 2]
     assert all(h["train_kd"] > 0 for h in full.history)  # the cached teacher logits were used
+    assert all((h["train_feature"] > 0) == bool(cfg.feature_weight) for h in full.history)  # and features if asked
 
     # Same run, killed during epoch 2 (after epoch 1 was saved).
     real_scores, calls = engine.validation_scores, []
@@ -76,13 +79,13 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
 
     monkeypatch.setattr(engine, "validation_scores", dies_in_epoch_two)
     with pytest.raises(Interrupted):
-        _fit(data, tmp_path / "cut")
+        _fit(data, tmp_path / "cut", cfg=cfg)
     monkeypatch.setattr(engine, "validation_scores", real_scores)
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-    assert saved["epoch"] == 1
+    assert saved["epoch"] == 1 and ("projector" in saved) == bool(cfg.feature_weight)  # the training-only projector
 
     # Resume with a differently initialised model: everything must come from last.pt.
-    resumed_model, resumed = _fit(data, tmp_path / "cut", resume=True, model_seed=99)
+    resumed_model, resumed = _fit(data, tmp_path / "cut", resume=True, cfg=cfg, model_seed=99)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     for a, b in zip(full.history, resumed.history):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
@@ -139,7 +142,8 @@ def test_fixed_view_bank_returns_the_teacher_logits_of_the_view_it_returns():
         for j in range(v):
             targets[i, j, (i + j) % 3] = 1.0  # each view has its own target, too
             attention[i, j] = 10 * i + j
-    bank = FixedViewBank(ViewBank(views, targets), logits, attention)
+    features = torch.arange(n * v, dtype=torch.float32).reshape(n, v, 1).expand(-1, -1, 5)
+    bank = FixedViewBank(ViewBank(views, targets), logits, attention, features)
     assert len(bank) == n
     seen = set()
     for epoch in range(20):
@@ -147,27 +151,28 @@ def test_fixed_view_bank_returns_the_teacher_logits_of_the_view_it_returns():
         first_pick = [int(bank[i][0][0, 0, 0]) for i in range(n)]
         assert [int(bank[i][0][0, 0, 0]) for i in range(n)] == first_pick  # one view per image and epoch
         for i in range(n):
-            image, target, teacher, looks, _ = bank[i]
+            image, target, teacher, looks, _, teacher_features = bank[i]
             code = int(image[0, 0, 0])
             j = code - 10 * i
+            assert (teacher_features == i * v + j).all()  # the features of that view too
             assert image.shape == (1, 8, 8) and (image == code).all()
             assert teacher.tolist() == [i, j, code] and (looks == code).all()
             assert target.argmax().item() == (i + j) % 3
             seen.add((i, j))
     assert {j for _, j in seen} == set(range(v))  # every view gets used
     # Without a teacher the teacher parts are empty, which the engine reads as "no KD".
-    _, _, no_logits, no_attention, no_mask = FixedViewBank(ViewBank(views, targets), None)[0]
-    assert no_logits.numel() == 0 and no_attention.numel() == 0 and no_mask.numel() == 0
+    _, _, no_logits, no_attention, no_mask, no_features = FixedViewBank(ViewBank(views, targets), None)[0]
+    assert no_logits.numel() == 0 and no_attention.numel() == 0 and no_mask.numel() == 0 and no_features.numel() == 0
 
 
 def test_online_augmented_yields_fresh_views_and_no_teacher_outputs():
     images, labels = _synthetic(2, 0)
     data = OnlineAugmented(images, labels, UltrasoundAugment(AugmentConfig(), SIZE))
     torch.manual_seed(0)
-    a, label, logits, attention, _ = data[0]
+    a, label, logits, attention, _, features = data[0]
     b, *_ = data[0]
     assert a.shape == images[0].shape and a.dtype == torch.uint8 and label == labels[0]
-    assert not torch.equal(a, b) and logits.numel() == 0 and attention.numel() == 0
+    assert not torch.equal(a, b) and logits.numel() == 0 and attention.numel() == 0 and features.numel() == 0
 
 
 def test_class_weights_favour_the_rare_class():
@@ -285,7 +290,8 @@ def test_teacher_outputs_resume_after_an_interruption(tiny_checkpoints, tmp_path
     from kdcore.experiment import teacher_outputs as protocol
 
     views = ViewBank(torch.randint(0, 255, (5, 2, 1, 64, 64), dtype=torch.uint8), torch.zeros(5, 2, 3))
-    expected, expected_attention = protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "a", 3)
+    teacher = tiny_checkpoints["teacher"]
+    expected, expected_attention, _ = protocol.teacher_view_outputs(teacher, views, tmp_path / "a", 3)
     monkeypatch.setattr(protocol, "PARTIAL_EVERY_VIEWS", 4)
     real, calls, killed = protocol.teacher_outputs, [], []
 
@@ -301,7 +307,7 @@ def test_teacher_outputs_resume_after_an_interruption(tiny_checkpoints, tmp_path
         protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "b", 3)
     assert len(list((tmp_path / "b").glob("*.partial.pt"))) == 1  # the first block of 4 views was kept
     calls.clear()
-    logits, attention = protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "b", 3)
+    logits, attention, _ = protocol.teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path / "b", 3)
     assert calls == [4, 2]  # views 5-8, then 9-10: the first block was not recomputed
     torch.testing.assert_close(logits, expected)
     torch.testing.assert_close(attention, expected_attention)

@@ -105,13 +105,13 @@ def test_poisoned_teacher_logit_cache_is_recomputed_not_run(tmp_path, tiny_check
     marker = tmp_path / "code_ran"
     side = json.loads(tiny_checkpoints["teacher"].with_suffix(".json").read_text())["preprocess"]["input_size"]
     views = ViewBank(torch.zeros(1, 1, 1, side, side, dtype=torch.uint8), torch.zeros(1, 1, 3))
-    genuine, _ = teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path, 7)  # writes the cache file
+    genuine, *_ = teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path, 7)  # writes the cache file
     (cache_file,) = tmp_path.glob("teacher_outputs_*.pt")
     good_bytes = cache_file.read_bytes()
     bad_bytes = pickle.dumps(_Payload(str(marker))) if damage == "pickle" else good_bytes[: len(good_bytes) // 2]
     cache_file.write_bytes(bad_bytes)
 
-    recomputed, _ = teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path, 7)
+    recomputed, *_ = teacher_view_outputs(tiny_checkpoints["teacher"], views, tmp_path, 7)
 
     assert not marker.exists()
     assert torch.equal(recomputed, genuine)

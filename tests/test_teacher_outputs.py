@@ -39,11 +39,15 @@ def test_views_seeded_per_image_are_the_same_in_every_fold():
 
 def test_shared_store_is_exact_and_serves_the_next_fold(probe_teacher, tmp_path, monkeypatch):  # noqa: F811
     fold_a, fold_b = _fold_banks()
-    logits, attention = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    logits, attention, features = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
     teacher, meta = load_checkpoint(probe_teacher)
     whole = outputs.teacher_outputs(teacher, fold_a.views.flatten(0, 1), Preprocess(meta.preprocess), ATTENTION_SIDE)
     torch.testing.assert_close(logits.flatten(0, 1), whole["logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(attention.flatten(0, 1), whole["attention"], atol=1e-5, rtol=1e-5)
+    # the features are what the teacher's linear head reads: it turns them into its logits
+    assert features.shape == (*fold_a.views.shape[:2], teacher.classifier.in_features)
+    torch.testing.assert_close(teacher.classifier(features.flatten(0, 1)), whole["logits"], atol=1e-5, rtol=1e-5)
+    assert features.flatten(0, 1).std(0).mean() > 0.1  # standardised, not constant
 
     real, calls = outputs.teacher_outputs, []
 
@@ -52,7 +56,7 @@ def test_shared_store_is_exact_and_serves_the_next_fold(probe_teacher, tmp_path,
         return real(teacher, views, *args, **kwargs)
 
     monkeypatch.setattr(outputs, "teacher_outputs", counted)
-    logits_b, _ = outputs.teacher_view_outputs(probe_teacher, fold_b, tmp_path, ATTENTION_SIDE)
+    logits_b, *_ = outputs.teacher_view_outputs(probe_teacher, fold_b, tmp_path, ATTENTION_SIDE)
     assert calls == [2 * 3, 4 * 2]  # the 2 new images' plain views, then fold b's own mixup views
     torch.testing.assert_close(logits_b[:2, :3], logits[2:4, :3])  # shared images: the same outputs
     (store,) = tmp_path.glob("backbone_outputs_*.pt")
@@ -68,7 +72,7 @@ def test_banks_with_other_view_counts_share_a_cache_folder(probe_teacher, tmp_pa
     augment = UltrasoundAugment(AugmentConfig(), SIZE)
     other = build_view_bank(images, labels, augment, 5, 7, 0, 0.4, image_keys=["x", "y", "z", "w"])
     outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
-    logits, _ = outputs.teacher_view_outputs(probe_teacher, other, tmp_path, ATTENTION_SIDE)
+    logits, *_ = outputs.teacher_view_outputs(probe_teacher, other, tmp_path, ATTENTION_SIDE)
     teacher, meta = load_checkpoint(probe_teacher)
     whole = outputs.teacher_outputs(teacher, other.views.flatten(0, 1), Preprocess(meta.preprocess), ATTENTION_SIDE)
     torch.testing.assert_close(logits.flatten(0, 1), whole["logits"], atol=1e-5, rtol=1e-5)
@@ -79,7 +83,7 @@ def test_banks_with_other_view_counts_share_a_cache_folder(probe_teacher, tmp_pa
 @pytest.mark.parametrize("damage", ["truncated", "keys missing"])
 def test_damaged_store_and_partial_outputs_are_computed_anew(probe_teacher, tmp_path, capsys, damage):  # noqa: F811
     fold_a, _ = _fold_banks()
-    logits, _ = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    logits, *_ = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
     (store,) = tmp_path.glob("backbone_outputs_*.pt")
     partial = tmp_path / "teacher_outputs.partial.pt"
     for file in (store, partial):
@@ -90,7 +94,7 @@ def test_damaged_store_and_partial_outputs_are_computed_anew(probe_teacher, tmp_
     for cache in tmp_path.glob("teacher_outputs_*.pt"):
         cache.unlink()  # the mixup views' cache: their outputs come through the partial file again
 
-    again, _ = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    again, *_ = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
     teacher, meta = load_checkpoint(probe_teacher)
     resumed = outputs.resumable_teacher_outputs(
         teacher, fold_a.views.flatten(0, 1), Preprocess(meta.preprocess), ATTENTION_SIDE, partial

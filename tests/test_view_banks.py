@@ -43,21 +43,25 @@ def test_frames_join_the_bank_with_the_teachers_probabilities_as_targets(busi_di
     data = load_busi(busi_dir, DEFAULT_SPLIT_FILE, subset=6)
     cfg, cache, teacher = _recipe(frames), tmp_path / "cache", tiny_checkpoints["teacher"]
     bank = cached_view_bank(data, SIZE, cfg, cache)
-    logits, attention = teacher_view_outputs(teacher, bank, cache, 3)
-    joined, joined_logits, joined_attention = with_unlabeled_frames(bank, logits, attention, teacher, cfg, 3, cache)
+    outputs = teacher_view_outputs(teacher, bank, cache, 3)
+    logits, attention, _ = outputs
+    joined, (joined_logits, joined_attention, joined_features) = with_unlabeled_frames(
+        bank, outputs, teacher, cfg, 3, cache
+    )
     n = len(bank.views)
     assert joined.views.shape == (n + FRAMES, *bank.views.shape[1:])
     assert torch.equal(joined.views[:n], bank.views) and torch.equal(joined.targets[:n], bank.targets)
     assert torch.equal(joined_logits[:n], logits) and torch.equal(joined_attention[:n], attention)
+    assert outputs.features is None and joined_features is None  # a hybrid teacher has no pooled features
     assert torch.equal(joined.views[n:, 0], frame_images(frames, SIZE)[0])  # each frame's plain view is the frame
     assert not torch.equal(joined.views[n:, 1], joined.views[n:, 0])  # then augmented and mixup views
     assert torch.allclose(joined.targets[n:], joined_logits[n:].softmax(dim=-1))  # the teacher's own verdict
     assert joined.masks is not None and torch.equal(joined.masks[:n], bank.masks) and not joined.masks[n:].any()
 
     cached = sorted(cache.iterdir())
-    again = with_unlabeled_frames(bank, logits, attention, teacher, cfg, 3, cache)
+    again = with_unlabeled_frames(bank, outputs, teacher, cfg, 3, cache)
     assert sorted(cache.iterdir()) == cached  # views and teacher outputs of the frames were cached
-    assert torch.equal(again[0].views, joined.views) and torch.equal(again[1], joined_logits)
+    assert torch.equal(again[0].views, joined.views) and torch.equal(again[1].logits, joined_logits)
 
 
 def test_the_student_trains_on_labelled_images_and_frames(busi_dir, tiny_checkpoints, frames, tmp_path, monkeypatch):
@@ -72,7 +76,7 @@ def test_the_student_trains_on_labelled_images_and_frames(busi_dir, tiny_checkpo
     (train_set,) = seen
     labelled = len(data.records["train"])
     assert len(train_set) == labelled + FRAMES
-    view, target, teacher_logits, _, mask = train_set[labelled]  # a frame
+    view, target, teacher_logits, _, mask, _ = train_set[labelled]  # a frame
     assert view.shape == (1, SIZE, SIZE) and not mask.any()
     assert torch.allclose(target, teacher_logits.softmax(dim=-1))
 

@@ -282,18 +282,19 @@ def train_student(
     bank = main_first(runtime, lambda: cached_view_bank(data, preprocess_cfg.input_size, train_cfg, cache))
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
     model = build_model(model_cfg, preprocess_cfg.input_size)
-    logits = attention = None
+    outputs = None
     if teacher_path is not None:  # the teacher's maps are pooled to the size of the student's
         side = feature_map_side(model, preprocess_cfg.input_size)
-        logits, attention = main_first(
-            runtime, lambda: teacher_view_outputs(teacher_path, bank, cache, side, runtime.device)
-        )
+        outputs = main_first(runtime, lambda: teacher_view_outputs(teacher_path, bank, cache, side, runtime.device))
     if train_cfg.unlabeled_frames:
-        joined = (bank, logits, attention, teacher_path, train_cfg, side, cache, runtime.device)
-        bank, logits, attention = main_first(runtime, lambda: with_unlabeled_frames(*joined))
+        joined = (bank, outputs, teacher_path, train_cfg, side, cache, runtime.device)
+        bank, outputs = main_first(runtime, lambda: with_unlabeled_frames(*joined))
     if train_cfg.mask_weight <= 0:
         bank = replace(bank, masks=None)  # the recipe does not use them: not batched either
-    train_set = FixedViewBank(bank, logits, attention)
+    if train_cfg.feature_weight > 0 and (outputs is None or outputs.features is None):
+        raise ValueError("feature_weight > 0 needs a feature-ensemble teacher (its pooled features are the targets)")
+    logits, attention, features = outputs if outputs is not None else (None, None, None)
+    train_set = FixedViewBank(bank, logits, attention, features if train_cfg.feature_weight > 0 else None)
     teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""
     role = "student_kd" if teacher_path else "student_scratch"
     return _fit_and_save(

@@ -15,9 +15,11 @@ backbones the five folds of a cross-validation share one store.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -170,26 +172,43 @@ def _shared_store(
     return {"pooled": store["pooled"][rows], "attention": store["attention"][rows]}
 
 
+class ViewOutputs(NamedTuple):
+    """The teacher's outputs on a bank's (N, V) views: logits (N, V, C), attention maps
+    (N, V, side*side) and, for a feature ensemble, its standardised pooled features (N, V, F)
+    (what its linear head reads; ``None`` for other teachers)."""
+
+    logits: torch.Tensor
+    attention: torch.Tensor
+    features: torch.Tensor | None
+
+
 @torch.no_grad()
 def teacher_view_outputs(
     teacher_path: Path, bank: ViewBank, cache: Path, attention_side: int, device: torch.device = CPU.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V, C) teacher logits and (N, V, side*side) attention maps on the bank's views:
-    through the shared backbone store where the teacher and the bank allow it, else (and for
-    mixup views) through the whole teacher, cached per teacher and views."""
+) -> ViewOutputs:
+    """The teacher's outputs on the bank's views: through the shared backbone store where the
+    teacher and the bank allow it, else (and for mixup views) through the whole teacher, cached
+    per teacher and views."""
     if CheckpointMeta.read(teacher_path).model.kind != "ensemble" or not bank.plain_views:
         saved = _bank_outputs(teacher_path, bank.views, cache, attention_side, device)
-        return saved["logits"], saved["attention"]
+        features = _standardised(load_checkpoint(teacher_path)[0], saved["pooled"]) if "pooled" in saved else None
+        return ViewOutputs(saved["logits"], saved["attention"], features)
     teacher, meta = load_checkpoint(teacher_path)  # a FeatureEnsemble
     teacher.to(device, memory_format=torch.channels_last)
     shared = _shared_store(teacher, meta, bank, cache, attention_side)
-    head = teacher.forward_head_from_pooled
-    logits = head(shared["pooled"].to(device).flatten(0, 1)).float().cpu().reshape(*shared["pooled"].shape[:2], -1)
-    attention = shared["attention"]
+    pooled, attention = shared["pooled"], shared["attention"]
     if bank.views.shape[1] > bank.plain_views:  # mixup views: the fold's own
         mixed = _bank_outputs(
             teacher_path, bank.views[:, bank.plain_views :].contiguous(), cache, attention_side, device
         )
-        logits = torch.cat([logits, mixed["logits"]], dim=1)
+        pooled = torch.cat([pooled, mixed["pooled"]], dim=1)
         attention = torch.cat([attention, mixed["attention"]], dim=1)
-    return logits, attention
+    features = _standardised(teacher, pooled)
+    logits = teacher.classifier(features.to(device).flatten(0, 1)).float().cpu().reshape(*pooled.shape[:2], -1)
+    return ViewOutputs(logits, attention, features)
+
+
+def _standardised(teacher: FeatureEnsemble, pooled: torch.Tensor) -> torch.Tensor:
+    """(N, V, F) pooled features through the teacher's standardisation (eval mode), on the CPU."""
+    standardise = copy.deepcopy(teacher.standardise).cpu().eval()
+    return standardise(pooled.flatten(0, 1).float()).reshape(pooled.shape)

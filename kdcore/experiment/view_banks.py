@@ -11,7 +11,7 @@ import torch
 from kdcore.config import TrainConfig
 from kdcore.data import DataIntegrityError, resize_all
 from kdcore.engine import ViewBank, build_view_bank
-from kdcore.experiment.teacher_outputs import cached_tensors, teacher_view_outputs
+from kdcore.experiment.teacher_outputs import ViewOutputs, cached_tensors, teacher_view_outputs
 from kdcore.hashing import sha256_file
 from kdcore.imaging import IMAGE_SUFFIXES, read_grey_image
 from kdcore.runtime import CPU
@@ -65,27 +65,30 @@ def frame_images(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
 
 def with_unlabeled_frames(
     bank: ViewBank,
-    teacher_logits: torch.Tensor,
-    teacher_attention: torch.Tensor,
+    outputs: ViewOutputs,
     teacher_path: Path,
     train_cfg: TrainConfig,
     attention_side: int,
     cache: Path,
     device: torch.device = CPU.device,
-) -> tuple[ViewBank, torch.Tensor, torch.Tensor]:
-    """The bank and the teacher's outputs with ``train_cfg.unlabeled_frames`` joined: each frame
+) -> tuple[ViewBank, ViewOutputs]:
+    """The bank and the teacher's ``outputs`` on it with ``train_cfg.unlabeled_frames`` joined: each frame
     gets the labelled images' kind of views (plain, augmented, mixups with another frame), no
     lesion mask, and the teacher's probabilities on each view as its target, so on frames the
     student only matches the teacher's function (Beyer et al., CVPR 2022)."""
     images, keys = frame_images(Path(train_cfg.unlabeled_frames), bank.views.shape[-1])
     unknown = torch.zeros(len(images), dtype=torch.long)  # placeholder labels: replaced below
     frames = cached_bank(images, unknown, None, keys, train_cfg, cache)
-    logits, attention = teacher_view_outputs(teacher_path, frames, cache, attention_side, device)
+    on_frames = teacher_view_outputs(teacher_path, frames, cache, attention_side, device)
     frames_masks = None if bank.masks is None else torch.zeros_like(frames.views)
     joined = ViewBank(
         torch.cat([bank.views, frames.views]),
-        torch.cat([bank.targets, logits.softmax(dim=-1)]),
+        torch.cat([bank.targets, on_frames.logits.softmax(dim=-1)]),
         None if bank.masks is None else torch.cat([bank.masks, frames_masks]),
         bank.plain_views,
     )
-    return joined, torch.cat([teacher_logits, logits]), torch.cat([teacher_attention, attention])
+    features = None if outputs.features is None else torch.cat([outputs.features, on_frames.features])
+    joined_outputs = ViewOutputs(
+        torch.cat([outputs.logits, on_frames.logits]), torch.cat([outputs.attention, on_frames.attention]), features
+    )
+    return joined, joined_outputs
