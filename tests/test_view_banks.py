@@ -90,6 +90,16 @@ def test_frames_need_a_teacher(busi_dir, frames, tmp_path):
     assert scratch_recipe(with_frames).unlabeled_frames == ""  # the scratch ablation drops them
 
 
+def test_feature_matching_needs_a_feature_ensemble_teacher(busi_dir, tiny_checkpoints, tmp_path):
+    data = load_busi(busi_dir, DEFAULT_SPLIT_FILE, subset=6)
+    recipe = replace(OFFLINE.student_train, feature_weight=1.0)
+    for teacher in (None, tiny_checkpoints["teacher"]):  # no teacher; a hybrid teacher (no pooled features)
+        with pytest.raises(ValueError, match="needs a feature-ensemble teacher"):
+            train_student(OFFLINE.student, OFFLINE.student_preprocess, recipe, data, tmp_path / "s", teacher)
+    assert not (tmp_path / "work").exists()  # refused before any view or teacher output was computed
+    assert scratch_recipe(replace(OFFLINE, scratch_train=recipe)).feature_weight == 0  # the ablation drops it
+
+
 def test_a_bad_frames_folder_gets_a_clear_message(frames, tmp_path):
     with pytest.raises(DataIntegrityError, match="folder not found"):
         frame_images(tmp_path / "missing", SIZE)

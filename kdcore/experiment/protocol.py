@@ -278,6 +278,10 @@ def train_student(
     builds the caches and the other ranks read them."""
     if train_cfg.unlabeled_frames and teacher_path is None:
         raise ValueError("unlabeled_frames: frames without labels need a teacher (drop them for scratch students)")
+    if train_cfg.feature_weight > 0 and (
+        teacher_path is None or CheckpointMeta.read(teacher_path).model.kind != "ensemble"
+    ):
+        raise ValueError("feature_weight > 0 needs a feature-ensemble teacher (its pooled features are the targets)")
     cache = cache_dir if cache_dir is not None else out_path.parent / "work"
     bank = main_first(runtime, lambda: cached_view_bank(data, preprocess_cfg.input_size, train_cfg, cache))
     seed_everything(train_cfg.seed)  # else the view bank's fixed seed gives every student seed the same init
@@ -291,8 +295,6 @@ def train_student(
         bank, outputs = main_first(runtime, lambda: with_unlabeled_frames(*joined))
     if train_cfg.mask_weight <= 0:
         bank = replace(bank, masks=None)  # the recipe does not use them: not batched either
-    if train_cfg.feature_weight > 0 and (outputs is None or outputs.features is None):
-        raise ValueError("feature_weight > 0 needs a feature-ensemble teacher (its pooled features are the targets)")
     logits, attention, features = outputs if outputs is not None else (None, None, None)
     train_set = FixedViewBank(bank, logits, attention, features if train_cfg.feature_weight > 0 else None)
     teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""

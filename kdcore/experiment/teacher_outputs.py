@@ -15,7 +15,6 @@ backbones the five folds of a cross-validation share one store.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -209,6 +208,6 @@ def teacher_view_outputs(
 
 
 def _standardised(teacher: FeatureEnsemble, pooled: torch.Tensor) -> torch.Tensor:
-    """(N, V, F) pooled features through the teacher's standardisation (eval mode), on the CPU."""
-    standardise = copy.deepcopy(teacher.standardise).cpu().eval()
-    return standardise(pooled.flatten(0, 1).float()).reshape(pooled.shape)
+    """(N, V, F) pooled features through the (eval-mode) teacher's standardisation, returned on the CPU."""
+    flat = teacher.standardise(pooled.to(model_device(teacher)).flatten(0, 1))
+    return flat.float().cpu().reshape(pooled.shape)
