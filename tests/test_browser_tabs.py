@@ -9,6 +9,7 @@ Run with ``pytest -m browser``; needs /usr/bin/chromium (scripts/install_browser
 
 from __future__ import annotations
 
+import base64
 import shutil
 import time
 from dataclasses import replace
@@ -78,12 +79,33 @@ def upload_image(page, path: Path) -> None:
     box.locator("input[type=file]").set_input_files(str(path))
 
 
+# Click the box's ✕ and drop a new file in the same moment: the new upload starts before the
+# clear event has run (Playwright's two steps, click then set files, leave a gap that hid this).
+CLEAR_AND_DROP_JS = """async ([name, base64]) => {
+  const box = document.querySelector('#image-file');
+  box.querySelector('button[aria-label=Clear]').click();
+  let input = box.querySelector('input[type=file]');
+  while (!input) {
+    await new Promise(resolve => setTimeout(resolve, 1));
+    input = box.querySelector('input[type=file]');
+  }
+  const files = new DataTransfer();
+  files.items.add(new File([Uint8Array.from(atob(base64), c => c.charCodeAt(0))], name, {type: 'image/png'}));
+  input.files = files.files;
+  input.dispatchEvent(new Event('change', {bubbles: true}));
+}"""
+
+
 def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     page.get_by_role("tab", name="Image").click()
     upload_image(page, ASSETS / "phantom_round_lesion.png")
     page.wait_for_function("() => /\\d+%/.test(document.querySelector('#image-student-summary').innerText)")
-    upload_image(page, ASSETS / "phantom_irregular_lesion.png")
+    upload_image(page, ASSETS / "phantom_irregular_lesion.png")  # as a person does it, step by step
     toasts = _seen_toasts(page, 4.0)
+    again = ASSETS / "phantom_round_lesion.png"
+    for _ in range(3):  # at once (failed every time while clearing read the box)
+        page.evaluate(CLEAR_AND_DROP_JS, [again.name, base64.b64encode(again.read_bytes()).decode()])
+        toasts += _seen_toasts(page, 1.5)
     assert not [t for t in toasts if "Waiting for file" in t], toasts
     page.locator("#image-teacher-overlay img").wait_for(timeout=60_000)
 

@@ -138,6 +138,11 @@ def explain(models: LoadedModels, analysis: ImageAnalysis | None, choice: str, o
     return [*overlay_values(analysis, opacity), analysis, *summary_values(analysis)]
 
 
+def empty_page() -> list[Any]:
+    """The Image tab's outputs with no image: no JSON, overlays, analysis or panel text."""
+    return [None, None, None, None, *summary_values(None)]
+
+
 def page_prediction(
     models: LoadedModels, path: str | None, opacity: float, choice: str = EXPLAIN_PREDICTED
 ) -> list[Any]:
@@ -145,7 +150,7 @@ def page_prediction(
     cannot be analysed leaves its reason in the panel, where the result would have been (a
     toast alone vanishes); the API (``predict``) raises instead."""
     if not path:
-        return [None, None, None, None, *summary_values(None)]
+        return empty_page()
     try:
         analysis = analyse_file(models, path)
     except gr.Error as exc:

@@ -221,7 +221,9 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
         source.upload(
             page_update, [source, opacity, explained], page_outputs, api_name=f"{api_name}_page", show_api=False
         )
-        source.clear(page_update, [source, opacity, explained], page_outputs, show_api=False)
+        # No inputs: Gradio refuses an event whose input box is uploading, and clicking ✕ then
+        # dropping a new file at once started that upload before the clear event ran.
+        source.clear(handlers.empty_page, None, page_outputs, show_api=False)
         # The API endpoint: the same analysis, refusals raised as errors for the client.
         gr.Button(visible=False).click(
             partial(handlers.predict, models), [source, opacity], api_outputs, api_name=api_name
