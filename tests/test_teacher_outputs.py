@@ -1,6 +1,7 @@
 """Teacher outputs on a student's views: a feature-ensemble teacher's backbone outputs on each
-image's plain views are stored once and shared by the folds, and the result is exactly the
-whole teacher's."""
+image's plain views are stored once and shared by the folds, the result is exactly the whole
+teacher's, a cache without what the teacher gives is computed anew, and unasked-for features are
+not kept."""
 
 from __future__ import annotations
 
@@ -126,3 +127,25 @@ def test_a_save_killed_midway_keeps_the_previous_file(tmp_path, monkeypatch):
     assert torch.equal(load_tensor_file(store)["pooled"], torch.ones(2, 3))
     save_tensor_file({"pooled": torch.zeros(5, 3)}, store)
     assert load_tensor_file(store)["pooled"].shape == (5, 3) and [p.name for p in tmp_path.iterdir()] == [store.name]
+
+
+def test_a_cache_without_the_ensembles_pooled_features_is_computed_anew(probe_teacher, tmp_path, capsys):  # noqa: F811
+    fold_a, _ = _fold_banks()
+    logits, attention, features = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    (cache,) = tmp_path.glob("teacher_outputs_*.pt")  # the mixup views' whole-teacher outputs
+    saved = torch.load(cache, weights_only=True)
+    torch.save({key: saved[key] for key in ("logits", "attention")}, cache)  # "pooled" dropped
+
+    again = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    assert f"ignoring teacher-output cache {cache}" in capsys.readouterr().out
+    torch.testing.assert_close(again.features, features)
+    assert "pooled" in torch.load(cache, weights_only=True)
+
+
+def test_features_are_dropped_when_not_asked_for(probe_teacher, tmp_path):  # noqa: F811
+    fold_a, _ = _fold_banks()
+    full = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE)
+    lean = outputs.teacher_view_outputs(probe_teacher, fold_a, tmp_path, ATTENTION_SIDE, with_features=False)
+    assert full.features is not None and lean.features is None
+    torch.testing.assert_close(lean.logits, full.logits)
+    torch.testing.assert_close(lean.attention, full.attention)

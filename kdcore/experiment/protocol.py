@@ -289,14 +289,17 @@ def train_student(
     outputs = None
     if teacher_path is not None:  # the teacher's maps are pooled to the size of the student's
         side = feature_map_side(model, preprocess_cfg.input_size)
-        outputs = main_first(runtime, lambda: teacher_view_outputs(teacher_path, bank, cache, side, runtime.device))
+        matched = train_cfg.feature_weight > 0
+        outputs = main_first(
+            runtime, lambda: teacher_view_outputs(teacher_path, bank, cache, side, runtime.device, matched)
+        )
     if train_cfg.unlabeled_frames:
         joined = (bank, outputs, teacher_path, train_cfg, side, cache, runtime.device)
         bank, outputs = main_first(runtime, lambda: with_unlabeled_frames(*joined))
     if train_cfg.mask_weight <= 0:
         bank = replace(bank, masks=None)  # the recipe does not use them: not batched either
     logits, attention, features = outputs if outputs is not None else (None, None, None)
-    train_set = FixedViewBank(bank, logits, attention, features if train_cfg.feature_weight > 0 else None)
+    train_set = FixedViewBank(bank, logits, attention, features)
     teacher_sha = CheckpointMeta.read(teacher_path).weights_sha256 if teacher_path else ""
     role = "student_kd" if teacher_path else "student_scratch"
     return _fit_and_save(

@@ -34,6 +34,11 @@ PARTIAL_EVERY_VIEWS = 2048  # outputs are saved this often, so a killed run resu
 Outputs = dict[str, torch.Tensor]
 
 
+def output_keys(ensemble: bool) -> tuple[str, ...]:
+    """The keys of ``teacher_outputs``: a feature ensemble adds its ``pooled`` features."""
+    return ("logits", "attention", "pooled") if ensemble else ("logits", "attention")
+
+
 def saved_tensors(file: Path, keys: tuple[str, ...], what: str) -> Outputs | None:
     """The dict saved in ``file`` when it is readable and has ``keys``, else ``None`` (a
     damaged or tampered file is named in a warning). Read with ``weights_only``: never runs code."""
@@ -86,7 +91,8 @@ def resumable_teacher_outputs(
     """``teacher_outputs`` over many views in blocks, with a progress bar; after each block the
     outputs so far go to ``partial``, and a rerun continues from there (the file is removed at
     the end). On 2 cores an ensemble teacher needs about an hour for 10,000 views."""
-    done = saved_tensors(partial, ("logits", "attention"), "partial teacher-output") or {}
+    keys = output_keys(isinstance(teacher, FeatureEnsemble))
+    done = saved_tensors(partial, keys, "partial teacher-output") or {}
     blocks = [done] if done else []
     start = len(done["logits"]) if done else 0
     with tqdm(total=len(views), initial=start, desc="teacher outputs on the views") as bar:
@@ -109,7 +115,8 @@ def _bank_outputs(
 ) -> Outputs:
     """Whole-teacher outputs on (N, V, 1, S, S) views, cached by teacher weights and views."""
     key = hashlib.sha256(views.numpy().tobytes()).hexdigest()[:16]
-    weights_sha = CheckpointMeta.read(teacher_path).weights_sha256[:16]
+    meta = CheckpointMeta.read(teacher_path)
+    weights_sha = meta.weights_sha256[:16]
     cache_file = cache / f"teacher_outputs_{weights_sha}_{key}_{attention_side}.pt"
 
     def compute() -> Outputs:
@@ -122,7 +129,7 @@ def _bank_outputs(
         )
         return {k: v.reshape(*views.shape[:2], -1) for k, v in flat.items()}
 
-    return cached_tensors(cache_file, compute, ("logits", "attention"), "teacher-output")
+    return cached_tensors(cache_file, compute, output_keys(meta.model.kind == "ensemble"), "teacher-output")
 
 
 def backbone_sha256(teacher: FeatureEnsemble) -> str:
@@ -174,7 +181,7 @@ def _shared_store(
 class ViewOutputs(NamedTuple):
     """The teacher's outputs on a bank's (N, V) views: logits (N, V, C), attention maps
     (N, V, side*side) and, for a feature ensemble, its standardised pooled features (N, V, F)
-    (what its linear head reads; ``None`` for other teachers)."""
+    (what its linear head reads; ``None`` for other teachers and when not asked for)."""
 
     logits: torch.Tensor
     attention: torch.Tensor
@@ -183,14 +190,21 @@ class ViewOutputs(NamedTuple):
 
 @torch.no_grad()
 def teacher_view_outputs(
-    teacher_path: Path, bank: ViewBank, cache: Path, attention_side: int, device: torch.device = CPU.device
+    teacher_path: Path,
+    bank: ViewBank,
+    cache: Path,
+    attention_side: int,
+    device: torch.device = CPU.device,
+    with_features: bool = True,
 ) -> ViewOutputs:
     """The teacher's outputs on the bank's views: through the shared backbone store where the
     teacher and the bank allow it, else (and for mixup views) through the whole teacher, cached
-    per teacher and views."""
+    per teacher and views. ``with_features=False`` drops the features (for KD without feature
+    matching: a feature ensemble's are about 125 MB per fold at 24 views per image)."""
     if CheckpointMeta.read(teacher_path).model.kind != "ensemble" or not bank.plain_views:
         saved = _bank_outputs(teacher_path, bank.views, cache, attention_side, device)
-        features = _standardised(load_checkpoint(teacher_path)[0], saved["pooled"]) if "pooled" in saved else None
+        keep = with_features and "pooled" in saved
+        features = _standardised(load_checkpoint(teacher_path)[0], saved["pooled"]) if keep else None
         return ViewOutputs(saved["logits"], saved["attention"], features)
     teacher, meta = load_checkpoint(teacher_path)  # a FeatureEnsemble
     teacher.to(device, memory_format=torch.channels_last)
@@ -204,7 +218,7 @@ def teacher_view_outputs(
         attention = torch.cat([attention, mixed["attention"]], dim=1)
     features = _standardised(teacher, pooled)
     logits = teacher.classifier(features.to(device).flatten(0, 1)).float().cpu().reshape(*pooled.shape[:2], -1)
-    return ViewOutputs(logits, attention, features)
+    return ViewOutputs(logits, attention, features if with_features else None)
 
 
 def _standardised(teacher: FeatureEnsemble, pooled: torch.Tensor) -> torch.Tensor:

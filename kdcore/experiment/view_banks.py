@@ -79,7 +79,7 @@ def with_unlabeled_frames(
     images, keys = frame_images(Path(train_cfg.unlabeled_frames), bank.views.shape[-1])
     unknown = torch.zeros(len(images), dtype=torch.long)  # placeholder labels: replaced below
     frames = cached_bank(images, unknown, None, keys, train_cfg, cache)
-    on_frames = teacher_view_outputs(teacher_path, frames, cache, attention_side, device)
+    on_frames = teacher_view_outputs(teacher_path, frames, cache, attention_side, device, outputs.features is not None)
     frames_masks = None if bank.masks is None else torch.zeros_like(frames.views)
     joined = ViewBank(
         torch.cat([bank.views, frames.views]),
