@@ -1,5 +1,5 @@
 """What a person sees in Chromium, second round: a refused file keeps its reason on the page,
-replacing an image raises no "waiting for upload" toasts, the live preview is never mirrored,
+replacing an image or a clip raises no "waiting for upload" toasts, the live preview is never mirrored,
 the start button says what it does, Stop clears the live panel, the verdict rule with its
 sensitivity / specificity sits next to the verdict, the video tab shows the first
 frame at once and ends on a summary that names the most suspicious segment.
@@ -76,13 +76,15 @@ def upload_image(page, path: Path) -> None:
     box = page.locator("#image-file")
     if box.locator("input[type=file]").count() == 0:
         box.get_by_role("button", name="Clear").click()
+        # the cleared page first: a wait for the next result must not pass on the last one's text
+        expect(page.locator("#image-student-summary")).to_have_text("", timeout=30_000)
     box.locator("input[type=file]").set_input_files(str(path))
 
 
 # Click the box's ✕ and drop a new file in the same moment: the new upload starts before the
 # clear event has run (Playwright's two steps, click then set files, leave a gap that hid this).
-CLEAR_AND_DROP_JS = """async ([name, base64]) => {
-  const box = document.querySelector('#image-file');
+CLEAR_AND_DROP_JS = """async ([box_id, name, type, base64]) => {
+  const box = document.querySelector(box_id);
   box.querySelector('button[aria-label=Clear]').click();
   let input = box.querySelector('input[type=file]');
   while (!input) {
@@ -90,10 +92,14 @@ CLEAR_AND_DROP_JS = """async ([name, base64]) => {
     input = box.querySelector('input[type=file]');
   }
   const files = new DataTransfer();
-  files.items.add(new File([Uint8Array.from(atob(base64), c => c.charCodeAt(0))], name, {type: 'image/png'}));
+  files.items.add(new File([Uint8Array.from(atob(base64), c => c.charCodeAt(0))], name, {type}));
   input.files = files.files;
   input.dispatchEvent(new Event('change', {bubbles: true}));
 }"""
+
+
+def clear_and_drop_at_once(page, box_id: str, path: Path, mime_type: str) -> None:
+    page.evaluate(CLEAR_AND_DROP_JS, [box_id, path.name, mime_type, base64.b64encode(path.read_bytes()).decode()])
 
 
 def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
@@ -102,12 +108,28 @@ def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     page.wait_for_function("() => /\\d+%/.test(document.querySelector('#image-student-summary').innerText)")
     upload_image(page, ASSETS / "phantom_irregular_lesion.png")  # as a person does it, step by step
     toasts = _seen_toasts(page, 4.0)
-    again = ASSETS / "phantom_round_lesion.png"
     for _ in range(3):  # at once (failed every time while clearing read the box)
-        page.evaluate(CLEAR_AND_DROP_JS, [again.name, base64.b64encode(again.read_bytes()).decode()])
+        clear_and_drop_at_once(page, "#image-file", ASSETS / "phantom_round_lesion.png", "image/png")
         toasts += _seen_toasts(page, 1.5)
     assert not [t for t in toasts if "Waiting for file" in t], toasts
     page.locator("#image-teacher-overlay img").wait_for(timeout=60_000)
+
+
+def test_replacing_a_clip_raises_no_waiting_toasts(page):
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#video-file input[type=file]").set_input_files(str(ASSETS / "phantom_sweep.mp4"))
+    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    toasts = []
+    for _ in range(3):
+        clear_and_drop_at_once(page, "#video-file", ASSETS / "phantom_sweep.mp4", "video/mp4")
+        toasts += _seen_toasts(page, 1.5)
+    assert not [t for t in toasts if "Waiting for file" in t], toasts
+    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    page.locator("#video-file").get_by_role("button", name="Clear").click()
+    expect(page.locator("#video-status")).to_have_text("", timeout=30_000)  # no stale status
+    page.get_by_text("synthetic phantom: sweep").click()  # an example: no upload event, still a preview
+    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    page.locator("#video-file").get_by_role("button", name="Clear").click()  # the tab as it was found
 
 
 def test_the_verdict_rule_with_its_sensitivity_and_specificity_is_next_to_the_verdict(page):

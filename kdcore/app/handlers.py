@@ -234,6 +234,11 @@ def clip_preview(path: str | None) -> tuple[np.ndarray | None, str]:
     return grey, f"{info.name}: {info.frames_to_analyse} frames at {info.fps:.1f} FPS. Press **Analyse clip**. {notes}"
 
 
+def empty_clip_review() -> tuple:
+    """The Video tab's outputs (those of ``analyse_video``) with no clip: all empty."""
+    return None, "", None, None, None, None, None, *summary_values(None), ""
+
+
 def frame_status(result: FrameResult, info: ClipInfo) -> str:
     return (
         f"frame {result.index + 1}/{info.frames_to_analyse} · {result.time_s:.1f} s · **{result.label}** "

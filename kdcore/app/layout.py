@@ -309,7 +309,9 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
             opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Grad-CAM opacity")
             run = gr.Button("Analyse clip", variant="primary")
             clips = example_files(settings, VIDEO_SUFFIXES)
-            gr.Examples(clips, inputs=[clip], label=EXAMPLES_NOTE, example_labels=[example_caption(c) for c in clips])
+            examples = gr.Examples(
+                clips, inputs=[clip], label=EXAMPLES_NOTE, example_labels=[example_caption(c) for c in clips]
+            )
         with gr.Column(scale=2):
             frame = gr.Image(label="Student + Grad-CAM, at the clip's pace", interactive=False, format="jpeg")
             progress = gr.Markdown(elem_id="video-status")
@@ -328,13 +330,13 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
     per_frame = gr.File(label="Per-frame results (CSV)", interactive=False, elem_id="video-csv")
     panel = comparison_panel("video")
 
-    clip.change(handlers.clip_preview, [clip], [frame, progress], api_name="clip_preview", show_api=False)
-    run.click(
-        partial(handlers.analyse_video, models),
-        [clip, opacity],
-        [frame, progress, timeline, per_frame, review, *panel.overlays, *panel.text_outputs, summary],
-        api_name="analyse_video",
-    )
+    review_outputs = [frame, progress, timeline, per_frame, review, *panel.overlays, *panel.text_outputs, summary]
+    # upload and clear, not change: as on the Image tab, an event reading the box while a new
+    # file uploads makes Gradio toast "Waiting for file(s)"; a cleared clip leaves no stale review.
+    clip.upload(handlers.clip_preview, [clip], [frame, progress], api_name="clip_preview", show_api=False)
+    examples.load_input_event.then(handlers.clip_preview, [clip], [frame, progress], show_api=False)
+    clip.clear(handlers.empty_clip_review, None, review_outputs, show_api=False)
+    run.click(partial(handlers.analyse_video, models), [clip, opacity], review_outputs, api_name="analyse_video")
     seek.release(
         partial(handlers.video_frame_at, models), [review, seek, opacity], [frame, progress], api_name="video_frame"
     )
