@@ -102,6 +102,14 @@ def clear_and_drop_at_once(page, box_id: str, path: Path, mime_type: str) -> Non
     page.evaluate(CLEAR_AND_DROP_JS, [box_id, path.name, mime_type, base64.b64encode(path.read_bytes()).decode()])
 
 
+def _waiting_toasts(toasts: list[str]) -> list[str]:
+    return [t for t in toasts if "Waiting for file" in t]
+
+
+def _clip_preview_shown(page) -> None:
+    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+
+
 def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     page.get_by_role("tab", name="Image").click()
     upload_image(page, ASSETS / "phantom_round_lesion.png")
@@ -111,24 +119,24 @@ def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     for _ in range(3):  # at once (failed every time while clearing read the box)
         clear_and_drop_at_once(page, "#image-file", ASSETS / "phantom_round_lesion.png", "image/png")
         toasts += _seen_toasts(page, 1.5)
-    assert not [t for t in toasts if "Waiting for file" in t], toasts
+    assert not _waiting_toasts(toasts), toasts
     page.locator("#image-teacher-overlay img").wait_for(timeout=60_000)
 
 
 def test_replacing_a_clip_raises_no_waiting_toasts(page):
     page.get_by_role("tab", name="Video").click()
     page.locator("#video-file input[type=file]").set_input_files(str(ASSETS / "phantom_sweep.mp4"))
-    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    _clip_preview_shown(page)
     toasts = []
     for _ in range(3):
         clear_and_drop_at_once(page, "#video-file", ASSETS / "phantom_sweep.mp4", "video/mp4")
         toasts += _seen_toasts(page, 1.5)
-    assert not [t for t in toasts if "Waiting for file" in t], toasts
-    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    assert not _waiting_toasts(toasts), toasts
+    _clip_preview_shown(page)
     page.locator("#video-file").get_by_role("button", name="Clear").click()
     expect(page.locator("#video-status")).to_have_text("", timeout=30_000)  # no stale status
     page.get_by_text("synthetic phantom: sweep").click()  # an example: no upload event, still a preview
-    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    _clip_preview_shown(page)
     page.locator("#video-file").get_by_role("button", name="Clear").click()  # the tab as it was found
 
 
@@ -185,7 +193,7 @@ def test_live_preview_is_never_mirrored_and_stop_clears_the_panel(page):
 def test_video_tab_shows_the_first_frame_then_the_suspicious_segment_summary(page):
     page.get_by_role("tab", name="Video").click()
     page.locator("#video-file input[type=file]").set_input_files(str(ASSETS / "phantom_sweep.mp4"))
-    page.locator("#video-status").filter(has_text="Press Analyse clip").wait_for(timeout=30_000)
+    _clip_preview_shown(page)
     page.get_by_role("button", name="Analyse clip").click()
     page.locator("#video-summary").filter(has_text="Clip summary").wait_for(timeout=120_000)
     assert "done" in page.locator("#video-status").inner_text()

@@ -234,9 +234,11 @@ def clip_preview(path: str | None) -> tuple[np.ndarray | None, str]:
     return grey, f"{info.name}: {info.frames_to_analyse} frames at {info.fps:.1f} FPS. Press **Analyse clip**. {notes}"
 
 
-def empty_clip_review() -> tuple:
-    """The Video tab's outputs (those of ``analyse_video``) with no clip: all empty."""
-    return None, "", None, None, None, None, None, *summary_values(None), ""
+def empty_clip_review(frame: np.ndarray | None = None, status: str = "", summary: str = "") -> tuple:
+    """The Video tab's outputs (those of ``analyse_video``) with no review yet: the frame, the
+    status and the summary given, no timeline, CSV, review state or panel (all empty by default:
+    a cleared clip)."""
+    return frame, status, None, None, None, None, None, *summary_values(None), summary
 
 
 def frame_status(result: FrameResult, info: ClipInfo) -> str:
@@ -259,7 +261,6 @@ def analyse_video(models: LoadedModels, path: str | None, opacity: float) -> Ite
         gr.Warning(info.cap_message)
     results: list[FrameResult] = []
     overlay, status = None, ""
-    empty_panel = [None, None, *summary_values(None)]
     started = time.perf_counter()
     # Plain values only: for each gr.skip()/gr.update() output Gradio 5.50 adds a rebuilt
     # copy of the component to the session's blocks, more per clip, never freed.
@@ -269,12 +270,12 @@ def analyse_video(models: LoadedModels, path: str | None, opacity: float) -> Ite
         if wait > 0:
             time.sleep(wait)  # play back at the clip's own pace
         status = frame_status(result, info)
-        yield overlay, status, None, None, None, *empty_panel, ""
+        yield empty_clip_review(overlay, status)
     wall = time.perf_counter() - started
     point = models.student_cam.predictor.meta.operating_point
     threshold = point.threshold if point else SUSPICION_THRESHOLD
     if not results:
-        yield overlay, status, None, None, None, *empty_panel, clip_summary_markdown(results, info, wall, threshold)
+        yield empty_clip_review(overlay, status, clip_summary_markdown(results, info, wall, threshold))
         return
     peak = most_suspicious_frame(results)
     analysis = analyse_image(models, read_frame(path, info, peak.index))
