@@ -1,5 +1,6 @@
 """What a person sees in Chromium, second round: a refused file keeps its reason on the page,
-replacing an image or a clip raises no "waiting for upload" toasts, the live preview is never mirrored,
+replacing an image or a clip raises no "waiting for upload" toasts, and a clear answered late does
+not blank the next file's result, the live preview is never mirrored,
 the start button says what it does, Stop clears the live panel, the verdict rule with its
 sensitivity / specificity sits next to the verdict, the video tab shows the first
 frame at once and ends on a summary that names the most suspicious segment.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import pytest
 from app_helpers import launch
 from playwright.sync_api import expect
 
+from kdcore.app import handlers
 from kdcore.checkpoint import CheckpointMeta, write_record
 from kdcore.config import REPO_ROOT
 from kdcore.operating_point import OperatingPoint
-from scripts.live_browser import CHROMIUM, chromium_page, clip_frames, write_y4m
+from scripts.live_browser import CHROMIUM, VIEWPORT, chromium_page, clip_frames, write_y4m
 
 ASSETS = REPO_ROOT / "assets"
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -33,6 +36,7 @@ pytestmark = [
 ]
 
 TOASTS_JS = "() => Array.from(document.querySelectorAll('.toast-body')).map(t => t.innerText)"
+PERCENT_SHOWN_JS = "(id) => /\\d+%/.test(document.querySelector(id).innerText)"
 VIDEO_TRANSFORM_JS = "() => getComputedStyle(document.querySelector('#live-stream video')).transform"
 
 
@@ -59,6 +63,30 @@ def page(tiny_checkpoints, tmp_path_factory):
             page.goto(demo.local_url)
             yield page
     finally:
+        demo.close()
+
+
+def _answered_late(handler: Callable, seconds: float) -> Callable:
+    def late(*args):
+        time.sleep(seconds)
+        return handler(*args)
+
+    return late
+
+
+@pytest.fixture(scope="module")
+def page_with_late_clears(page, tiny_checkpoints):
+    """A second tab, on an app that answers a clear 1.5 s late, as a loaded machine can (CI did)."""
+    with pytest.MonkeyPatch.context() as patch:  # only while the app is built: its clear events
+        patch.setattr(handlers, "empty_page", _answered_late(handlers.empty_page, 1.5))
+        patch.setattr(handlers, "empty_clip_review", _answered_late(handlers.empty_clip_review, 1.5))
+        demo = launch(tiny_checkpoints["student"].parent)
+    late = page.context.browser.new_page(viewport=VIEWPORT)
+    try:
+        late.goto(demo.local_url)
+        yield late
+    finally:
+        late.close()
         demo.close()
 
 
@@ -113,7 +141,7 @@ def _clip_preview_shown(page) -> None:
 def test_replacing_an_image_raises_no_waiting_toasts(page, tmp_path):
     page.get_by_role("tab", name="Image").click()
     upload_image(page, ASSETS / "phantom_round_lesion.png")
-    page.wait_for_function("() => /\\d+%/.test(document.querySelector('#image-student-summary').innerText)")
+    page.wait_for_function(PERCENT_SHOWN_JS, arg="#image-student-summary")
     upload_image(page, ASSETS / "phantom_irregular_lesion.png")  # as a person does it, step by step
     toasts = _seen_toasts(page, 4.0)
     for _ in range(3):  # at once (failed every time while clearing read the box)
@@ -138,6 +166,29 @@ def test_replacing_a_clip_raises_no_waiting_toasts(page):
     page.get_by_text("synthetic phantom: sweep").click()  # an example: no upload event, still a preview
     _clip_preview_shown(page)
     page.locator("#video-file").get_by_role("button", name="Clear").click()  # the tab as it was found
+
+
+def test_a_clear_answered_late_does_not_blank_the_next_files_result(page_with_late_clears, tmp_path):
+    page = page_with_late_clears
+    page.get_by_role("tab", name="Image").click()
+    upload_image(page, ASSETS / "phantom_round_lesion.png")
+    page.wait_for_function(PERCENT_SHOWN_JS, arg="#image-student-summary", timeout=60_000)
+    refused = tmp_path / "second.png"  # a result unlike the first one's: its refusal
+    refused.write_bytes(b"not an image")
+    clear_and_drop_at_once(page, "#image-file", refused, "image/png")
+    marker = page.locator("#image-agreement")
+    marker.filter(has_text="second.png").wait_for(timeout=30_000)
+    time.sleep(3)  # had the clear been answered after this result, it would have blanked it by now
+    assert "second.png" in marker.inner_text()
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#video-file input[type=file]").set_input_files(str(ASSETS / "phantom_sweep.mp4"))
+    _clip_preview_shown(page)
+    second_clip = shutil.copy(ASSETS / "phantom_sweep.mp4", tmp_path / "second_sweep.mp4")
+    clear_and_drop_at_once(page, "#video-file", second_clip, "video/mp4")
+    status = page.locator("#video-status")
+    status.filter(has_text="second_sweep.mp4: ").wait_for(timeout=30_000)
+    time.sleep(3)
+    assert "second_sweep.mp4: " in status.inner_text()
 
 
 def test_the_verdict_rule_with_its_sensitivity_and_specificity_is_next_to_the_verdict(page):

@@ -12,7 +12,7 @@ import inspect
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,13 @@ def explain(models: LoadedModels, analysis: ImageAnalysis | None, choice: str, o
 def empty_page() -> list[Any]:
     """The Image tab's outputs with no image: no JSON, overlays, analysis or panel text."""
     return [None, None, None, None, *summary_values(None)]
+
+
+def cleared(empty: Callable[[], Sequence[Any]], still_empty: bool) -> tuple:
+    """A cleared box's outputs: the box as it is, then ``empty()``. Nothing changes when a new
+    file is in the box by the time the clear arrives (Gradio sends a second, late clear)."""
+    outputs = (gr.skip(), *empty())
+    return outputs if still_empty else (gr.skip(),) * len(outputs)
 
 
 def page_prediction(

@@ -9,6 +9,7 @@ globals.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import gradio as gr
 from fastrtc import VideoStreamHandler, WebRTC
+from gradio.components import Component
 from gradio.data_classes import ImageData
 
 from kdcore.app import handlers
@@ -91,6 +93,30 @@ def launch_in_background(settings: AppSettings) -> gr.Blocks:
 def upload_box(label: str, suffixes: tuple[str, ...], elem_id: str, **kwargs: Any) -> gr.File:
     """A file box for these suffixes that hands its handler the upload's path."""
     return gr.File(label=label, file_types=list(suffixes), type="filepath", elem_id=elem_id, **kwargs)
+
+
+def in_arrival_order(box_id: str) -> dict[str, Any]:
+    """Event settings that put a box's upload, clear and example events in one queue of one
+    worker: they run in the order they were sent, so a clear handled late cannot blank the
+    result of the file dropped after it."""
+    return {"concurrency_id": box_id, "concurrency_limit": 1}
+
+
+# Gradio's file box sends its clear event twice per ✕, the second only once the first has been
+# answered: a file dropped at once may be in the box by then, and that late clear would blank its
+# result. So each clear first asks the browser whether the box is still empty.
+BOX_STILL_EMPTY_JS = "(still_empty, box) => [box === null || box === undefined]"
+
+
+def clear_events(box: gr.File | gr.Image, empty: Callable[[], Sequence[Any]], outputs: list[Component]) -> None:
+    """Clearing ``box`` sets ``outputs`` to ``empty()``; a clear that arrives after a new file
+    changes nothing. The box is no input: Gradio refuses an event whose input box is uploading
+    (clicking ✕ and dropping a new file at once starts that upload before the clear runs)."""
+    still_empty = gr.Checkbox(value=True, visible=False)
+    box.clear(
+        partial(handlers.cleared, empty), [still_empty], [box, *outputs], js=BOX_STILL_EMPTY_JS,
+        show_progress="hidden", show_api=False, **in_arrival_order(box.elem_id),
+    )  # fmt: skip
 
 
 def image_drop_box(**kwargs: Any) -> gr.Image:
@@ -219,16 +245,17 @@ def _image_tab(models: LoadedModels, settings: AppSettings) -> None:
         # upload, not change: a change event fired while a new file is still uploading made
         # Gradio toast "Waiting for file(s) to finish uploading" each time an image was replaced.
         source.upload(
-            page_update, [source, opacity, explained], page_outputs, api_name=f"{api_name}_page", show_api=False
-        )
-        # No inputs: Gradio refuses an event whose input box is uploading, and clicking ✕ then
-        # dropping a new file at once started that upload before the clear event ran.
-        source.clear(handlers.empty_page, None, page_outputs, show_api=False)
+            page_update, [source, opacity, explained], page_outputs, api_name=f"{api_name}_page", show_api=False,
+            **in_arrival_order(source.elem_id),
+        )  # fmt: skip
+        clear_events(source, handlers.empty_page, page_outputs)
         # The API endpoint: the same analysis, refusals raised as errors for the client.
         gr.Button(visible=False).click(
             partial(handlers.predict, models), [source, opacity], api_outputs, api_name=api_name
         )
-    examples.load_input_event.then(page_update, [uploaded, opacity, explained], page_outputs, show_api=False)
+    examples.load_input_event.then(
+        page_update, [uploaded, opacity, explained], page_outputs, show_api=False, **in_arrival_order(uploaded.elem_id)
+    )
     explained.change(
         partial(handlers.explain, models), [analysis_state, explained, opacity],
         [*panel.overlays, analysis_state, *panel.text_outputs], show_api=False,
@@ -333,9 +360,10 @@ def _video_tab(models: LoadedModels, settings: AppSettings) -> None:
     review_outputs = [frame, progress, timeline, per_frame, review, *panel.overlays, *panel.text_outputs, summary]
     # upload and clear, not change: as on the Image tab, an event reading the box while a new
     # file uploads makes Gradio toast "Waiting for file(s)"; a cleared clip leaves no stale review.
-    clip.upload(handlers.clip_preview, [clip], [frame, progress], api_name="clip_preview", show_api=False)
-    examples.load_input_event.then(handlers.clip_preview, [clip], [frame, progress], show_api=False)
-    clip.clear(handlers.empty_clip_review, None, review_outputs, show_api=False)
+    in_order = in_arrival_order(clip.elem_id)
+    clip.upload(handlers.clip_preview, [clip], [frame, progress], api_name="clip_preview", show_api=False, **in_order)
+    examples.load_input_event.then(handlers.clip_preview, [clip], [frame, progress], show_api=False, **in_order)
+    clear_events(clip, handlers.empty_clip_review, review_outputs)
     run.click(partial(handlers.analyse_video, models), [clip, opacity], review_outputs, api_name="analyse_video")
     seek.release(
         partial(handlers.video_frame_at, models), [review, seek, opacity], [frame, progress], api_name="video_frame"
