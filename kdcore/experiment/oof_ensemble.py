@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kdcore.config import CLASS_NAMES, OFFLINE, REPO_ROOT
-from kdcore.experiment.probe_sweep import mean_std
+from kdcore.experiment.probe_sweep import command_line, mean_std
 from kdcore.metrics import fast_headline
 
 CV_DIR = REPO_ROOT / "reports" / "cv"
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
-    command = " ".join(["python -m kdcore.experiment.oof_ensemble", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("kdcore.experiment.oof_ensemble", argv)
     report = f"Out-of-fold ensembles: `{command}`\n\n{table}"
     if args.out:
         args.out.write_text(report)

@@ -19,7 +19,7 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,28 +57,35 @@ SHIPPED = FeatureSet(("tf_efficientnet_lite0", "tf_efficientnet_lite2"), 260, ("
 
 
 @torch.no_grad()
-def pooled_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 16) -> dict[str, np.ndarray]:
-    """``{f"{tap}/{pooling}": (N, C)}`` of (N, 1, S, S) uint8 images: each tap's map averaged
-    with its mirror image's (mirrored back), then mean- and max-pooled."""
+def flip_averaged_taps(
+    backbone: nn.Module, images: torch.Tensor, batch_size: int = 16
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Per chunk of (N, 1, S, S) uint8 images, ``{tap: map}``: each tap's map averaged with
+    its mirror image's (mirrored back), as ``FeatureEnsemble`` computes them in eval mode."""
     normalize = Normalize(backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"])
     taps: dict[str, torch.Tensor] = {}
     hooks = [
         backbone.blocks[index].register_forward_hook(lambda _m, _i, out, tap=tap: taps.__setitem__(tap, out))
         for tap, index in BLOCK_TAPS.items()
     ]
-    pooled: dict[str, list[torch.Tensor]] = {}
     try:
         backbone.eval()
         for chunk in images.split(batch_size):
             x = normalize(chunk.float().expand(-1, 3, -1, -1) / 255.0)
             taps["head"] = backbone.forward_features(torch.cat([x, x.flip(3)]))
-            for tap, both in taps.items():
-                averaged = mirror_average(both)
-                pooled.setdefault(f"{tap}/mean", []).append(averaged.mean(dim=(2, 3)))
-                pooled.setdefault(f"{tap}/max", []).append(averaged.amax(dim=(2, 3)))
+            yield {tap: mirror_average(both) for tap, both in taps.items()}
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def pooled_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """``{f"{tap}/{pooling}": (N, C)}``: every tap's flip-averaged map, mean- and max-pooled."""
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for taps in flip_averaged_taps(backbone, images, batch_size):
+        for tap, averaged in taps.items():
+            pooled.setdefault(f"{tap}/mean", []).append(averaged.mean(dim=(2, 3)))
+            pooled.setdefault(f"{tap}/max", []).append(averaged.amax(dim=(2, 3)))
     return {key: torch.cat(parts).numpy() for key, parts in pooled.items()}
 
 
@@ -186,14 +193,34 @@ def run_sweep(args: argparse.Namespace, command: str) -> str:
     return header + sweep_table(rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How the report's command was typed (``argv`` None: this process's own arguments)."""
+    return " ".join(["python -m " + module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_report(out: Path, report: str) -> int:
+    """Write a Markdown report (folders made as needed); the command's exit code."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"wrote {out}")
+    return 0
+
+
+def cv_report_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """Arguments every frozen-feature CV report takes: data, folds, where the report and the
+    feature cache go (``reports/cv/{name}.md``, ``runs/{name}``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--split-file", type=Path, default=DEFAULT_SPLIT_FILE)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "cv" / "probe_sweep.md")
-    parser.add_argument("--cache", type=Path, default=REPO_ROOT / "runs" / "probe_sweep", help="feature cache folder")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "cv" / f"{name}.md")
+    parser.add_argument("--cache", type=Path, default=REPO_ROOT / "runs" / name, help="feature cache folder")
     parser.add_argument("--k", type=int, default=5, help="folds")
     parser.add_argument("--subset", type=int, default=0, help="at most N images per split (smoke runs)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cv_report_parser(__doc__, "probe_sweep")
     parser.add_argument(
         "--members", nargs="+", default=["tf_efficientnet_lite0+tf_efficientnet_lite2",
         "tf_efficientnet_lite0+tf_efficientnet_lite1+tf_efficientnet_lite2"], help="'+'-joined timm names",
@@ -211,12 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown tap(s) {sorted(unknown)}: choose from {TAPS}", file=sys.stderr)
         return 2
-    command = " ".join(["python -m kdcore.experiment.probe_sweep", *(sys.argv[1:] if argv is None else argv)])
-    report = run_sweep(args, command)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(f"wrote {args.out}")
-    return 0
+    return write_report(args.out, run_sweep(args, command_line("kdcore.experiment.probe_sweep", argv)))
 
 
 if __name__ == "__main__":
