@@ -125,13 +125,14 @@ def fold_scores(
     scores: dict[str, list[dict[str, float | None]]] = {pooling: [] for pooling in POOLINGS}
     pointing = []
     for fold, (train, held_out) in enumerate(folds):
-        held_scores = cell_scores(fit_lesion_scorer(maps[train], cover[train], l2), maps[held_out])
-        train_scores = cross_fitted_scores(maps[train], cover[train], groups[train], l2, seed=fold)
+        train_maps, held_maps = maps[train], maps[held_out]  # one copy of each side per fold
+        held_scores = cell_scores(fit_lesion_scorer(train_maps, cover[train], l2), held_maps)
+        train_scores = cross_fitted_scores(train_maps, cover[train], groups[train], l2, seed=fold)
         for pooling in POOLINGS:
             probe = fit_standardised_probe(
-                pooled_features(maps[train], train_scores, pooling), labels[train], len(CLASS_NAMES), c
+                pooled_features(train_maps, train_scores, pooling), labels[train], len(CLASS_NAMES), c
             )
-            probs = torch.softmax(probe.logits(pooled_features(maps[held_out], held_scores, pooling)), dim=1)
+            probs = torch.softmax(probe.logits(pooled_features(held_maps, held_scores, pooling)), dim=1)
             scores[pooling].append(fast_headline(labels[held_out].numpy(), probs.numpy()))
         hits = pointing_hits(held_scores, masks[held_out])
         pointing.append(float(np.mean(hits)) if hits else float("nan"))
